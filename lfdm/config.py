@@ -235,20 +235,21 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
-    def _hourglasses_fit_the_latent(self) -> Params:
+    def _networks_fit_the_latent(self) -> Params:
+        # the hourglasses and the U-Net halve the latent per level and concatenate skips back, so the
+        # latent side must divide evenly all the way down
         latent = self.data.image_size // 4
-        for key in ("region_num_blocks", "flow_num_blocks"):
-            blocks = getattr(self.lfae, key)
-            if latent >> blocks < 1:
+        checks = {
+            "lfae.region_num_blocks": self.lfae.region_num_blocks,
+            "lfae.flow_num_blocks": self.lfae.flow_num_blocks,
+            "dm.unet.dim_mults": len(self.dm.unet.dim_mults) - 1,
+        }
+        for key, halvings in checks.items():
+            if latent % (1 << halvings):
                 raise ValueError(
-                    f"lfae.{key}={blocks} halves the {latent}px latent below 1px; "
-                    f"use at most {latent.bit_length() - 1} or a larger data.image_size"
+                    f"{key} halves the {latent}px latent (data.image_size / 4) {halvings} times: "
+                    f"it must be divisible by {1 << halvings}"
                 )
-        levels = len(self.dm.unet.dim_mults) - 1
-        if latent % (1 << levels):
-            raise ValueError(
-                f"dm.unet.dim_mults has {levels + 1} levels: the {latent}px latent must be divisible by {1 << levels}"
-            )
         return self
 
 

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lfdm.config import Params, ParamsError, load_params, parse_params
+from stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_params_yaml_is_complete_and_matches_the_defaults():
+    # params.yaml spells out every key (it is the user's documentation); the code defaults must agree
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert load_params(ROOT / "params.yaml") == Params()
+    assert raw == Params().model_dump(mode="json")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"dm": {"unet": {"dim": "wide"}}}, "dm.unet.dim"),
+        ({"train_lfae": {"stepz": 3}}, "train_lfae.stepz"),
+        ({"data": {"image_size": 30}}, "data.image_size: Value error, must be divisible by 4"),
+        ({"data": {"num_frames": 1}}, "data.num_frames"),
+        ({"data": {"dataset": "ucf101"}}, "data.dataset"),
+        ({"sample": {"guidance": -1}}, "sample.guidance"),
+        ({"data": {"image_size": 16}, "lfae": {"region_num_blocks": 2}}, "lfae.flow_num_blocks=3 halves the 4px"),
+        (
+            {"data": {"image_size": 16}, "lfae": {"region_num_blocks": 2, "flow_num_blocks": 2},
+             "dm": {"unet": {"dim_mults": [1, 2, 4, 8]}}},
+            "dm.unet.dim_mults has 4 levels",
+        ),
+    ],
+)
+def test_bad_params_name_the_key(raw, message):
+    with pytest.raises(ParamsError, match=message.replace("[", r"\[")):
+        parse_params(raw, "params.yaml")
+
+
+def test_load_params_errors_name_the_file(tmp_path):
+    with pytest.raises(ParamsError, match="no such params file"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ParamsError, match=f"{bad}: not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(bad)
+
+
+def test_params_are_frozen():
+    with pytest.raises(Exception, match="frozen"):
+        Params().data.image_size = 128  # type: ignore[misc]
+
+
+def test_dvc_stages_match_the_stage_registry():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(dvc) == list(STAGES)
+    for name, stage in dvc.items():
+        assert tuple(stage["params"]) == STAGES[name], name
+        assert stage["cmd"] == f"python -m stages {name}"
+        assert f"stages/{name}.py" in stage["deps"]

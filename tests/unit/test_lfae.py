@@ -1,0 +1,236 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfdm.config import LFAEConfig
+from lfdm.models.lfae import (
+    AntiAliasDownsample,
+    BackgroundPredictor,
+    DownBlock2d,
+    Hourglass,
+    LatentFlowAutoEncoder,
+    RegionPredictor,
+    ResBlock2d,
+    UpBlock2d,
+    covariance_to_affine,
+    revert_axis_swap,
+)
+from lfdm.models.warp import identity_grid, warp
+
+B, SIZE, C, K = 2, 32, 8, 4
+
+
+def tiny_cfg(**overrides) -> LFAEConfig:
+    small = {"max_features": 32, "block_expansion": 8, "num_blocks": 2}
+    return LFAEConfig(
+        base_channels=C,
+        decoder_res_blocks=1,
+        num_regions=K,
+        **{f"{part}_{key}": value for part in ("region", "flow", "bg") for key, value in small.items()},
+        **overrides,
+    )
+
+
+def frames(n: int = B) -> torch.Tensor:
+    return torch.rand(n, 3, SIZE, SIZE)
+
+
+def identity_flow(n: int, side: int = SIZE // 4) -> torch.Tensor:
+    return identity_grid(side, side).expand(n, side, side, 2)
+
+
+def test_blocks_and_hourglass_shapes():
+    x = torch.randn(2, 6, 16, 16)
+    assert DownBlock2d(6, 10)(x).shape == (2, 10, 8, 8)
+    assert UpBlock2d(6, 10)(x).shape == (2, 10, 32, 32)
+    assert ResBlock2d(6)(x).shape == x.shape
+    hourglass = Hourglass(6, block_expansion=4, num_blocks=3, max_features=12)
+    assert hourglass.out_channels == 4 + 6
+    assert hourglass(x).shape == (2, 10, 16, 16)
+    # channel growth block_expansion·2^(i+1), capped at max_features
+    assert [b[0][0].out_channels for b in hourglass.encoder.blocks] == [8, 12, 12]
+
+
+def test_anti_alias_downsample():
+    down = AntiAliasDownsample(3, 0.25)
+    assert down.kernel.sum(dim=(-1, -2)).allclose(torch.ones(3, 1))
+    assert not dict(down.named_buffers(remove_duplicate=False)).keys() & down.state_dict().keys()
+    x = torch.full((1, 3, 32, 32), 0.7)
+    y = down(x)
+    assert y.shape == (1, 3, 8, 8)
+    # a normalised blur keeps a constant away from the zero-padded border
+    torch.testing.assert_close(y[..., 3:5, 3:5], torch.full((1, 3, 2, 2), 0.7))
+    noise = torch.randn(1, 3, 32, 32)
+    assert down(noise).std() < noise[..., ::4, ::4].std()  # it blurs, not just subsamples
+    assert AntiAliasDownsample(3, 1.0)(noise) is noise
+    with pytest.raises(ValueError):
+        AntiAliasDownsample(3, 0.3)
+
+
+@pytest.mark.parametrize("decoder", ["skips", "latent"])
+def test_forward_shapes(decoder: str):
+    model = LatentFlowAutoEncoder(tiny_cfg(decoder=decoder))
+    source, driving = frames(), frames()
+    features = model.encode(source)
+    assert features.latent.shape == (B, 4 * C, SIZE // 4, SIZE // 4)
+    assert [s.shape for s in features.skips] == [
+        (B, C, SIZE, SIZE),
+        (B, 2 * C, SIZE // 2, SIZE // 2),
+        (B, 4 * C, SIZE // 4, SIZE // 4),
+    ]
+    out = model(source, driving)
+    assert out["prediction"].shape == source.shape
+    assert 0 <= out["prediction"].min() and out["prediction"].max() <= 1
+    assert out["flow"].shape == (B, SIZE // 4, SIZE // 4, 2)
+    assert out["occlusion"].shape == (B, 1, SIZE // 4, SIZE // 4)
+    assert 0 <= out["occlusion"].min() and out["occlusion"].max() <= 1
+    for regions in (out["source_regions"], out["driving_regions"]):
+        assert regions["heatmap"].shape == (B, K, SIZE // 4, SIZE // 4)
+        torch.testing.assert_close(regions["heatmap"].sum(dim=(2, 3)), torch.ones(B, K))
+        assert regions["shift"].shape == (B, K, 2)
+        assert regions["shift"].abs().max() <= 1
+        assert regions["covar"].shape == regions["affine"].shape == (B, K, 2, 2)
+
+
+def test_small_region_pad_uses_the_heatmaps_own_grid():
+    model = LatentFlowAutoEncoder(tiny_cfg(region_pad=1))
+    regions = model.flow_predictor.region_predictor(frames())
+    assert regions["heatmap"].shape == (B, K, SIZE // 4 - 4, SIZE // 4 - 4)
+    assert model(frames(), frames())["flow"].shape == (B, SIZE // 4, SIZE // 4, 2)
+
+
+def test_without_background_and_pca():
+    model = LatentFlowAutoEncoder(tiny_cfg(use_background=False, pca_based=False))
+    assert model.flow_predictor.background_predictor is None
+    out = model(frames(), frames())
+    assert out["source_regions"].keys() == {"heatmap", "shift"}
+    assert out["prediction"].shape == (B, 3, SIZE, SIZE)
+
+
+def test_background_predictor_starts_at_identity():
+    bg = BackgroundPredictor(block_expansion=4, num_blocks=2, max_features=8)
+    torch.testing.assert_close(bg(frames(), frames()), torch.eye(3).expand(B, 3, 3))
+
+
+def test_identical_frames_give_equal_regions_and_identity_flow():
+    model = LatentFlowAutoEncoder(tiny_cfg()).eval()
+    x = frames()
+    with torch.no_grad():
+        motion = model.flow_predictor(x, x)
+    for key in ("shift", "affine"):
+        torch.testing.assert_close(motion.source_regions[key], motion.driving_regions[key])
+    # every sparse motion is then the identity, so any mixture of them is too
+    torch.testing.assert_close(motion.flow, identity_flow(B), atol=1e-5, rtol=0)
+
+
+def test_region_shift_and_affine_follow_a_blob():
+    predictor = RegionPredictor(
+        num_regions=1, block_expansion=4, num_blocks=1, max_features=8, temperature=0.1, pad=3, pca_based=True
+    )
+    with torch.no_grad():  # the hourglass output ends with its input: read the image's brightness from it
+        predictor.heatmap.weight.zero_()
+        predictor.heatmap.bias.zero_()
+        predictor.heatmap.weight[0, -3:, 3, 3] = 1.0
+    side, cx, cy = 64, 40.0, 20.0
+    ys, xs = torch.meshgrid(torch.arange(side).float(), torch.arange(side).float(), indexing="ij")
+    blob = torch.exp(-((xs - cx) ** 2) / (2 * 8.0**2) - (ys - cy) ** 2 / (2 * 3.0**2))
+    regions = predictor(blob.expand(1, 3, side, side))
+    # the predictor keeps image pixel 4j as latent pixel j, at -1 + 2j/(side/4 - 1)
+    expected = torch.tensor([cx, cy]) / 4 * 2 / (side / 4 - 1) - 1
+    torch.testing.assert_close(regions["shift"][0, 0], expected, atol=0.02, rtol=0)
+    affine = regions["affine"][0, 0]
+    assert affine[0, 0] > 2 * affine[1, 1] > 0  # major axis along x
+    assert affine[0, 1].abs() < 1e-3 and affine[1, 0].abs() < 1e-3
+
+
+def test_covariance_to_affine_matches_svd():
+    m = torch.randn(64, 2, 2, dtype=torch.float64)
+    covar = m @ m.transpose(-1, -2) + 1e-3 * torch.eye(2, dtype=torch.float64)
+    affine = covariance_to_affine(covar)
+    u, s, _ = torch.linalg.svd(covar)
+    reference = u * s.sqrt().unsqueeze(-2)
+    torch.testing.assert_close(affine.abs(), reference.abs())  # the SVD's column signs are arbitrary
+    torch.testing.assert_close(affine @ affine.transpose(-1, -2), covar)
+    assert (affine[:, 0, 0] >= 0).all() and (torch.linalg.det(affine) > 0).all()  # a rotation, no reflection
+    iso = (0.02 * torch.eye(2)).requires_grad_()
+    covariance_to_affine(iso).sum().backward()
+    assert torch.isfinite(iso.grad).all()
+
+
+def test_revert_axis_swap_turns_half_turns_back():
+    a = covariance_to_affine(torch.tensor([[0.05, 0.01], [0.01, 0.02]]))
+    torch.testing.assert_close(revert_axis_swap(-a), a)
+    torch.testing.assert_close(revert_axis_swap(a), a)
+
+
+def test_identity_warp_is_exact():
+    x = torch.randn(B, 5, 12, 12)
+    torch.testing.assert_close(warp(x, identity_flow(B, 12)), x, atol=1e-5, rtol=0)
+
+
+def test_skips_decode_with_identity_flow_returns_the_source():
+    model = LatentFlowAutoEncoder(tiny_cfg(decoder="skips")).eval()
+    source = frames(1)
+    with torch.no_grad():
+        out = model.decode(
+            model.encode(source), source, identity_flow(1), torch.ones(1, 1, SIZE // 4, SIZE // 4)
+        )
+    torch.testing.assert_close(out, source, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("decoder", ["skips", "latent"])
+def test_fully_occluded_decode_ignores_the_source(decoder: str):
+    model = LatentFlowAutoEncoder(tiny_cfg(decoder=decoder)).eval()
+    flow, occlusion = identity_flow(1), torch.zeros(1, 1, SIZE // 4, SIZE // 4)
+    with torch.no_grad():
+        a, b = (model.decode(model.encode(x), x, flow, occlusion) for x in frames().split(1))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("decoder", ["skips", "latent"])
+def test_one_source_decodes_a_batch_of_flows(decoder: str):
+    model = LatentFlowAutoEncoder(tiny_cfg(decoder=decoder)).eval()
+    n, side = 3, SIZE // 4
+    source = frames(1)
+    flows = identity_flow(n, side) + 0.2 * torch.randn(n, side, side, 2)
+    occlusions = torch.rand(n, 1, side, side)
+    with torch.no_grad():
+        features = model.encode(source)
+        batched = model.decode(features, source, flows, occlusions)
+        single = torch.cat(
+            [model.decode(features, source, f[None], o[None]) for f, o in zip(flows, occlusions)]
+        )
+    assert batched.shape == (n, 3, SIZE, SIZE)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched[0], batched[1])
+    with pytest.raises(ValueError):
+        model.decode(model.encode(frames(2)), frames(2), flows, occlusions)
+
+
+def test_gradients_reach_every_parameter_group():
+    model = LatentFlowAutoEncoder(tiny_cfg())
+    model(frames(), frames())["prediction"].mean().backward()
+    groups = {
+        "encoder": model.encoder,
+        "decoder": model.decoder,
+        "region_predictor": model.flow_predictor.region_predictor,
+        "background_predictor": model.flow_predictor.background_predictor,
+        "pixelwise_flow_predictor": model.flow_predictor.pixelwise_flow_predictor,
+    }
+    for name, module in groups.items():
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), name
+        assert any(g.abs().sum() > 0 for g in grads), name
+
+
+def test_eval_under_no_grad():
+    model = LatentFlowAutoEncoder(tiny_cfg()).eval()
+    source, driving = frames(), frames()
+    stats = model.encoder.stem[1].running_mean.clone()
+    with torch.no_grad():
+        first, second = model(source, driving), model(source, driving)
+    assert first["prediction"].grad_fn is None
+    assert torch.isfinite(first["prediction"]).all()
+    torch.testing.assert_close(first["prediction"], second["prediction"])
+    torch.testing.assert_close(model.encoder.stem[1].running_mean, stats)
