@@ -25,11 +25,12 @@ def test_params_yaml_is_complete_and_matches_the_defaults():
         ({"data": {"num_frames": 1}}, "data.num_frames"),
         ({"data": {"dataset": "ucf101"}}, "data.dataset"),
         ({"sample": {"guidance": -1}}, "sample.guidance"),
-        ({"data": {"image_size": 16}, "lfae": {"region_num_blocks": 2}}, "lfae.flow_num_blocks=3 halves the 4px"),
+        ({"data": {"image_size": 16}, "lfae": {"region_num_blocks": 2}}, "lfae.flow_num_blocks halves the 4px"),
+        ({"data": {"image_size": 48}}, "lfae.region_num_blocks halves the 12px latent .* divisible by 8"),
         (
             {"data": {"image_size": 16}, "lfae": {"region_num_blocks": 2, "flow_num_blocks": 2},
              "dm": {"unet": {"dim_mults": [1, 2, 4, 8]}}},
-            "dm.unet.dim_mults has 4 levels",
+            "dm.unet.dim_mults halves",
         ),
     ],
 )
