@@ -1,0 +1,174 @@
+"""Stage two: Gaussian diffusion over latent flow (paper Sec. 3.1, 3.2.2, 4.2).
+
+The diffused tensor ``x0 (B, 3, K, H, W)`` is the flow grid plus occlusion (``lfdm.models.warp``). Training is
+ε-prediction with an L2 loss (Eq. 7) and null-condition dropout; sampling runs one of diffusers' schedulers
+with classifier-free guidance (Eq. 4) and Imagen's dynamic thresholding of x̂0, as the official code does.
+Schedule math lives in diffusers; this module owns the loss and the sampling loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
+from torch import nn
+from tqdm.auto import tqdm
+
+from lfdm.config import DiffusionConfig, SamplerConfig
+
+# DPM-Solver's authors clip the cosine schedule's half-log-SNR λ at −5.1 (LuChengTHU/dpm-solver): λ → −∞
+# over its last discrete steps, and one huge first step in λ destabilises the multistep solver. This drops
+# 4 of 1000 steps, all with ᾱ < 4e-5, so starting from pure noise is still consistent.
+DPM_SOLVER_LAMBDA_MIN = -5.1
+
+
+class Denoiser(Protocol):
+    """ε_θ: ``x (B, 3, K, H, W)``, ``t (B,)`` long, ``cond (B, Cz, H, W)``, ``text_emb (B, D)`` and
+    ``drop_text (B,)`` bool (True → that row uses the null embedding) → ``ε (B, 3, K, H, W)``."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        text_emb: torch.Tensor,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+def make_scheduler(sampler: SamplerConfig, cfg: DiffusionConfig) -> SchedulerMixin:
+    """A fresh sampling scheduler (they keep per-run state) on the training schedule of ``cfg``.
+
+    ``"ddpm"`` is ancestral sampling over all ``cfg.timesteps`` steps (the official default); it ignores
+    ``sampler.steps``, since skipping steps is what DDIM and DPM-Solver++ are for. ``"ddim"`` uses
+    ``sampler.steps`` steps with η = ``sampler.eta`` (passed to ``step``); ``"dpmsolver++"`` is the
+    second-order multistep DPM-Solver++ with ``sampler.steps`` steps.
+
+    All three apply dynamic thresholding (Imagen) to x̂0 unless ``cfg.threshold_percentile == 1``, in which
+    case x̂0 is neither thresholded nor clipped.
+    """
+    common: dict[str, Any] = {
+        "num_train_timesteps": cfg.timesteps,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": "epsilon",
+        "thresholding": cfg.threshold_percentile < 1,
+        "dynamic_thresholding_ratio": cfg.threshold_percentile,
+        # diffusers takes s = clamp(quantile_p(|x̂0|), 1, sample_max_value), then x̂0 = clamp(x̂0, −s, s) / s
+        # per sample. The official rule is s = max(1, quantile_p), i.e. no upper bound; the default 1.0
+        # would pin s to 1 and turn it into static clipping to [-1, 1].
+        "sample_max_value": float("inf"),
+    }
+    if sampler.sampler == "ddpm":
+        return DDPMScheduler(**common, clip_sample=False)
+    if sampler.sampler == "ddim":
+        return DDIMScheduler(
+            **common,
+            clip_sample=False,
+            # "trailing" starts at t = T−1 (ᾱ ≈ 0, matching the pure-noise start) and is the official
+            # ddim_sample's grid (999, 899, ..., 99 for 10 steps); "leading" would start at T − T/steps.
+            timestep_spacing="trailing",
+            # ᾱ_prev = 1 after the last step, so the output is the final (thresholded) x̂0, as officially.
+            set_alpha_to_one=True,
+        )
+    return DPMSolverMultistepScheduler(
+        **common,
+        algorithm_type="dpmsolver++",
+        solver_order=2,  # the order recommended for guided sampling
+        final_sigmas_type="zero",  # the last step lands on σ = 0, i.e. returns x̂0
+        lambda_min_clipped=DPM_SOLVER_LAMBDA_MIN,
+        timestep_spacing="linspace",  # exactly `steps` steps from the clipped end; "trailing" may drop some
+    )
+
+
+class FlowDiffusion(nn.Module):
+    """Wraps a :class:`Denoiser` module ε_θ with the training loss and the samplers; adds no weights."""
+
+    def __init__(self, denoiser: nn.Module, cfg: DiffusionConfig) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.cfg = cfg
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=cfg.timesteps,
+            beta_schedule=cfg.beta_schedule,
+            prediction_type="epsilon",
+            clip_sample=False,
+        )
+        # a buffer, so ᾱ follows .to(device) and the loss never copies the table per step
+        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x0): ``x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε`` for ``x0, noise (B, ...)`` and ``t (B,)`` long."""
+        a = self.alphas_cumprod[t].to(x0.dtype).view(-1, *(1,) * (x0.ndim - 1))
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def loss(
+        self,
+        x0: torch.Tensor,
+        cond: torch.Tensor,
+        text_emb: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Eq. 7: ``‖ε − ε_θ(x_t, t, z0, y)‖²`` averaged, for ``x0 (B, 3, K, H, W)``, ``cond (B, Cz, H, W)``,
+        ``text_emb (B, D)``. Each row's text is dropped to the null embedding with prob ``cfg.null_prob``.
+        ``generator`` (on ``x0``'s device) makes t, ε and the dropout reproducible."""
+        b, device = x0.shape[0], x0.device
+        t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        drop = torch.rand(b, generator=generator, device=device) < self.cfg.null_prob
+        pred = self.denoiser(self.add_noise(x0, noise, t), t, cond, text_emb, drop)
+        return F.mse_loss(pred.float(), noise.float())
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        cond: torch.Tensor,
+        text_emb: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The training loss, so DistributedDataParallel (which hooks ``forward``) can wrap this module."""
+        return self.loss(x0, cond, text_emb, generator)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        text_emb: torch.Tensor,
+        *,
+        num_frames: int,
+        sampler: SamplerConfig,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Generate ``x0 (B, 3, K=num_frames, H, W)`` from ``cond (B, Cz, H, W)`` and ``text_emb (B, D)``.
+
+        Classifier-free guidance (Eq. 4): ``ε̂ = ε(∅) + g·(ε(y) − ε(∅))`` with ``g = sampler.guidance``, the
+        conditional and null rows stacked into one denoiser call per step; g = 1 runs only the conditional
+        rows and g = 0 only the null rows. ``generator`` must live on ``cond``'s device; it draws the start
+        noise and the scheduler's per-step noise (DDPM, DDIM with η > 0), so a seed fixes the output.
+        """
+        b, (h, w) = cond.shape[0], cond.shape[-2:]
+        scheduler = make_scheduler(sampler, self.cfg)
+        scheduler.set_timesteps(self.cfg.timesteps if sampler.sampler == "ddpm" else sampler.steps)
+        g = sampler.guidance
+        null_rows = (True,) if g == 0 else (False,) if g == 1 else (False, True)
+        n = len(null_rows)
+        drop = torch.tensor(null_rows, device=cond.device).repeat_interleave(b)
+        cond_in, text_in = cond.repeat(n, *(1,) * (cond.ndim - 1)), text_emb.repeat(n, 1)
+        step_kwargs: dict[str, Any] = {"generator": generator}
+        if isinstance(scheduler, DDIMScheduler):
+            step_kwargs["eta"] = sampler.eta
+
+        x = torch.randn((b, 3, num_frames, h, w), generator=generator, device=cond.device, dtype=cond.dtype)
+        # The scheduler's timesteps stay on the host: diffusers branches on them in Python (`if t > 0`),
+        # which would sync with the device every step if they lived there. The denoiser gets a device copy.
+        timesteps = scheduler.timesteps
+        steps = tqdm(timesteps, desc="sampling", disable=not progress)
+        for t, t_dev in zip(steps, timesteps.to(cond.device)):
+            eps = self.denoiser(x.repeat(n, 1, 1, 1, 1), t_dev.expand(n * b), cond_in, text_in, drop)
+            if n == 2:
+                eps_cond, eps_null = eps.chunk(2)
+                eps = eps_null + g * (eps_cond - eps_null)
+            x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        return x
