@@ -176,6 +176,13 @@ class EncoderOutput:
     latent: Tensor
     skips: tuple[Tensor, ...]
 
+    def repeat_interleave(self, repeats: int) -> EncoderOutput:
+        """Each sample ``repeats`` times in a row, ``B → B·repeats``: K frames of B clips decode in one call."""
+        return EncoderOutput(
+            latent=self.latent.repeat_interleave(repeats, 0),
+            skips=tuple(s.repeat_interleave(repeats, 0) for s in self.skips),
+        )
+
 
 class Encoder(nn.Module):
     """Φ: SameBlock 7×7 (3→C), DownBlocks C→2C→4C. ``(B, 3, H, W) → EncoderOutput``."""

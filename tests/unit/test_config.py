@@ -63,3 +63,9 @@ def test_dvc_stages_match_the_stage_registry():
         assert tuple(stage["params"]) == STAGES[name], name
         assert stage["cmd"] == f"python -m stages {name}"
         assert f"stages/{name}.py" in stage["deps"]
+
+
+def test_paper_config_is_valid_and_paper_sized():
+    p = load_params(ROOT / "configs/paper.yaml")
+    assert (p.data.image_size, p.data.num_frames, p.lfae.latent_channels) == (128, 40, 256)
+    assert (p.dm.unet.dim, p.dm.unet.dim_mults, p.sample.sampler) == (64, (1, 2, 4, 8), "ddpm")

@@ -1,0 +1,48 @@
+"""Save/load the two trained models: weights + the config section that built them + step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lfdm.checkpoint import load_checkpoint, save_checkpoint
+from lfdm.config import DMConfig, LFAEConfig
+from lfdm.diffusion import FlowDiffusion
+from lfdm.models.lfae import LatentFlowAutoEncoder
+from lfdm.models.unet3d import Unet3D
+
+
+def save_lfae(path: str | Path, model: LatentFlowAutoEncoder, cfg: LFAEConfig, *, image_size: int, step: int) -> None:
+    save_checkpoint(path, model=model.state_dict(), config=cfg.model_dump(mode="json"), image_size=image_size, step=step)
+
+
+def load_lfae(path: str | Path, device: torch.device) -> tuple[LatentFlowAutoEncoder, dict[str, Any]]:
+    """The LFAE in eval mode on ``device``, and the checkpoint's metadata (config, image_size, step)."""
+    ckpt = load_checkpoint(path)
+    model = LatentFlowAutoEncoder(LFAEConfig.model_validate(ckpt["config"]))
+    model.load_state_dict(ckpt.pop("model"))
+    return model.to(device).eval(), ckpt
+
+
+def save_dm(
+    path: str | Path, diffusion: FlowDiffusion, cfg: DMConfig, *, cond_channels: int, text_dim: int,
+    num_frames: int, latent_size: int, step: int,
+) -> None:
+    save_checkpoint(
+        path, model=diffusion.state_dict(), config=cfg.model_dump(mode="json"), cond_channels=cond_channels,
+        text_dim=text_dim, num_frames=num_frames, latent_size=latent_size, step=step,
+    )
+
+
+def load_dm(path: str | Path, device: torch.device) -> tuple[FlowDiffusion, dict[str, Any]]:
+    """The diffusion model (3D U-Net inside) in eval mode on ``device``, and the checkpoint's metadata."""
+    ckpt = load_checkpoint(path)
+    cfg = DMConfig.model_validate(ckpt["config"])
+    denoiser = Unet3D(
+        cfg.unet, cond_channels=ckpt["cond_channels"], text_dim=ckpt["text_dim"], latent_size=ckpt["latent_size"]
+    )
+    diffusion = FlowDiffusion(denoiser, cfg.diffusion)
+    diffusion.load_state_dict(ckpt.pop("model"))
+    return diffusion.to(device).eval(), ckpt

@@ -1,0 +1,78 @@
+"""sample: every test clip's first frame × its own label (plus, for a few test images, each free-text
+prompt in ``sample.extra_labels``) → a generated video and its latent flow.
+
+Writes ``<paths.samples>/frames.zarr`` (videos, same layout as the preprocess frame store),
+``flows.zarr`` (generated flow sequences), ``manifest.parquet`` (one row per sample; ``source`` is the
+real clip it starts from) and a gif per sample."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lfdm import tracking
+from lfdm.config import Params
+from lfdm.data import FlowStore, FlowStoreAttrs, FrameStore, ManifestRow, read_manifest, to_tensor, write_manifest
+from lfdm.device import resolve_device
+from lfdm.utils import batched
+from lfdm.generate import LFDMPipeline
+from lfdm.models.warp import to_diffusion_tensor
+from lfdm.video import write_video
+from lfdm.viz import flow_to_rgb
+
+MAX_LOGGED_GIFS = 8  # sample gifs attached to the MLflow run (all of them stay in paths.samples)
+
+
+def plan(p: Params) -> list[ManifestRow]:
+    """What to generate: one row per sample, ``source`` = the real test clip whose x0 is used."""
+    tests = read_manifest(p.paths.manifest, split="test")
+    rows = [_sample_row(real, real.label, f"{real.video_id}") for real in tests]
+    firsts = list({real.subject: real for real in tests}.values())[: p.sample.extra_label_videos]
+    for real, (i, prompt) in itertools.product(firsts, enumerate(p.sample.extra_labels)):
+        rows.append(_sample_row(real, prompt, f"{real.subject}__prompt{i}"))
+    return rows
+
+
+def _sample_row(real: ManifestRow, label: str, sample_id: str) -> ManifestRow:
+    return ManifestRow(
+        video_id=sample_id, label=label, subject=real.subject, split="test",
+        num_frames=len(real.frame_indices), source=real.video_id, frame_indices=tuple(range(len(real.frame_indices))),
+    )
+
+
+def run(p: Params) -> dict[str, float]:
+    device = resolve_device(p.device)
+    pipe = LFDMPipeline.from_checkpoints(p.paths.lfae, p.paths.dm, p.paths.embeddings, p.text, device)
+    real_frames = FrameStore(p.paths.frames)
+    out = Path(p.paths.samples)
+    videos = FrameStore(out / "frames.zarr", "w")
+    flows = FlowStore(out / "flows.zarr", "w", FlowStoreAttrs(
+        num_frames=pipe.num_frames, latent_size=pipe.image_size // 4, latent_channels=pipe.latent_channels,
+        lfae_checkpoint=p.paths.lfae, lfae_sha256="",
+    ))
+    rows = plan(p)
+    generator = torch.Generator(device).manual_seed(p.sample.seed)
+    gifs = []
+    with tqdm(total=len(rows), desc=f"sample ({p.sample.sampler}-{p.sample.steps})", unit="video") as bar:
+        for batch in batched(rows, p.sample.batch_size):
+            x0 = torch.stack([to_tensor(real_frames.read(r.source, r.frame_indices[:1]))[0] for r in batch])
+            gen = pipe(x0, [r.label for r in batch], p.sample, generator=generator)
+            frames = (gen.videos.clamp(0, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()
+            sequences = to_diffusion_tensor(gen.flow, gen.occlusion).cpu().numpy()
+            for row, video, seq, z0 in zip(batch, frames, sequences, gen.z0.cpu().numpy(), strict=True):
+                videos.write(row.video_id, video)
+                flows.write(row.video_id, seq, z0)
+                gif = out / "gifs" / f"{row.video_id}.gif"
+                write_video(gif, video, fps=p.sample.fps)
+                gifs.append(gif)
+            bar.update(len(batch))
+    write_manifest(out / "manifest.parquet", rows)
+    for gif in gifs[:MAX_LOGGED_GIFS]:
+        tracking.log_file(gif, "samples")
+    strip = np.concatenate(list(flow_to_rgb(gen.flow[-1].cpu())), axis=1)  # the last sample's K flows
+    tracking.log_image(strip.repeat(4, 0).repeat(4, 1), f"flow_{row.video_id}.png")
+    return {"videos": len(rows), "prompts": len(p.sample.extra_labels)}

@@ -1,0 +1,76 @@
+"""train_dm: stage two — the conditional 3D U-Net diffusion model over latent flow + occlusion.
+
+Reads only the Zarr flow store and the label embeddings. ε-prediction MSE, cosine schedule,
+null-condition dropout; resumes from ``<paths.checkpoints>/train_dm.pt`` after an interruption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lfdm.config import Params
+from lfdm.data import FlowSequenceDataset, FlowStore, read_manifest
+from lfdm.device import autocast, resolve_device
+from lfdm.diffusion import FlowDiffusion
+from lfdm.models.checkpoints import save_dm
+from lfdm.models.unet3d import Unet3D
+from lfdm.text import load_embeddings
+from lfdm.training import TrainingState, forever, multistep_schedule, seed_everything
+
+
+def run(p: Params) -> dict[str, float]:
+    cfg, device = p.train_dm, resolve_device(p.device)
+    generator = seed_everything(p.seed)
+    embeddings = load_embeddings(p.paths.embeddings)
+    attrs = FlowStore(p.paths.flows).attrs
+    sequences = FlowSequenceDataset(p.paths.flows, read_manifest(p.paths.manifest, split="train"), embeddings)
+    loader = DataLoader(
+        sequences, batch_size=cfg.batch_size, shuffle=True, drop_last=len(sequences) >= cfg.batch_size,
+        num_workers=cfg.num_workers, generator=generator, persistent_workers=cfg.num_workers > 0,
+    )
+    text_dim = next(iter(embeddings.values())).numel()
+    denoiser = Unet3D(
+        p.dm.unet, cond_channels=attrs.latent_channels, text_dim=text_dim, latent_size=attrs.latent_size
+    )
+    diffusion = FlowDiffusion(denoiser, p.dm.diffusion).to(device)
+    optimizer = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr, betas=cfg.betas)
+    schedule = multistep_schedule(optimizer, cfg.steps, cfg.milestones, cfg.gamma)
+    config = p.model_dump(mode="json", include={"seed", "dm", "train_dm"}) | {"flows": asdict(attrs)}
+    state = TrainingState(Path(p.paths.checkpoints) / "train_dm.pt", diffusion, optimizer, schedule, config)
+    state.resume()
+
+    diffusion.train()
+    batches = forever(loader)
+    with tqdm(total=cfg.steps, initial=state.step, desc="train_dm", unit="step") as bar:
+        while state.step < cfg.steps:
+            batch = next(batches)
+            x0, z0, text = (batch[key].to(device, non_blocking=True) for key in ("x0", "z0", "text"))
+            with autocast(device, p.precision):
+                loss = diffusion.loss(x0, z0, text)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(diffusion.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            state.step += 1
+            bar.update()
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                state.log({"loss/diffusion": loss.item(), "lr": schedule.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+                state.save()
+
+    save_dm(
+        p.paths.dm, diffusion, p.dm, cond_channels=attrs.latent_channels, text_dim=text_dim,
+        num_frames=attrs.num_frames, latent_size=attrs.latent_size, step=state.step,
+    )
+    state.save()
+    state.write_plot(Path(p.paths.plots) / "train_dm.tsv")
+    recent = [row["loss/diffusion"] for row in state.history[-5:]]
+    return {"loss": sum(recent) / len(recent), "steps": state.step}

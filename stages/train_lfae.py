@@ -1,0 +1,74 @@
+"""train_lfae: stage one — the latent flow auto-encoder on (reference, driving) frame pairs.
+
+Loss: perceptual pyramid + equivariance (MRAA), Adam with MultiStep decay. Resumes from
+``<paths.checkpoints>/train_lfae.pt`` when re-run after an interruption with the same params.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lfdm import tracking
+from lfdm.config import Params
+from lfdm.data import FramePairDataset, FrameStore, read_manifest
+from lfdm.device import autocast, resolve_device
+from lfdm.losses import PerceptualLoss, lfae_loss
+from lfdm.models.checkpoints import save_lfae
+from lfdm.models.lfae import LatentFlowAutoEncoder
+from lfdm.training import TrainingState, forever, multistep_schedule, seed_everything
+from lfdm.viz import reconstruction_strip
+
+
+def run(p: Params) -> dict[str, float]:
+    cfg, device = p.train_lfae, resolve_device(p.device)
+    generator = seed_everything(p.seed)
+    pairs = FramePairDataset(FrameStore(p.paths.frames), read_manifest(p.paths.manifest, split="train"), seed=p.seed)
+    loader = DataLoader(
+        pairs, batch_size=cfg.batch_size, shuffle=True, drop_last=len(pairs) >= cfg.batch_size,
+        num_workers=cfg.num_workers, generator=generator, persistent_workers=cfg.num_workers > 0,
+    )
+    model = LatentFlowAutoEncoder(p.lfae).to(device)
+    perceptual = PerceptualLoss(cfg.perceptual).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    schedule = multistep_schedule(optimizer, cfg.steps, cfg.milestones, cfg.gamma)
+    config = p.model_dump(mode="json", include={"seed", "data", "lfae", "train_lfae"})
+    state = TrainingState(Path(p.paths.checkpoints) / "train_lfae.pt", model, optimizer, schedule, config)
+    state.resume()
+
+    model.train()
+    batches = forever(loader)
+    with tqdm(total=cfg.steps, initial=state.step, desc="train_lfae", unit="step") as bar:
+        while state.step < cfg.steps:
+            batch = next(batches)
+            source, driving = (batch[key].to(device, non_blocking=True) for key in ("source", "driving"))
+            with autocast(device, p.precision):
+                out = model(source, driving)
+                losses = lfae_loss(
+                    out["prediction"], driving, model.flow_predictor.region_predictor,
+                    out["driving_regions"], perceptual, cfg.equivariance,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            optimizer.step()
+            schedule.step()
+            state.step += 1
+            bar.update()
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                logged = {f"loss/{k}": v.item() for k, v in losses.items()} | {"lr": schedule.get_last_lr()[0]}
+                state.log(logged)
+                bar.set_postfix(loss=f"{logged['loss/total']:.3f}")
+            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+                state.save()
+
+    save_lfae(p.paths.lfae, model, p.lfae, image_size=p.data.image_size, step=state.step)
+    state.save()
+    state.write_plot(Path(p.paths.plots) / "train_lfae.tsv")
+    model.eval()
+    with torch.no_grad():
+        out = model(source[:4], driving[:4])
+    tracking.log_image(reconstruction_strip(source[:4], driving[:4], out["prediction"], out["flow"]), "reconstructions.png")
+    return {"loss": state.history[-1]["loss/total"], "steps": state.step}
