@@ -1,0 +1,84 @@
+"""The Prefect flow ``lfdm``: the DVC pipeline's stages as Prefect tasks, under one MLflow parent run.
+
+Each task calls ``stages.execute(name, params)`` — the very function ``dvc repro`` runs — in process.
+DVC stays the source of truth: the stage graph comes from dvc.yaml, a stage whose deps, params and outs
+are unchanged is skipped (``dvc status``), and a stage that ran is recorded in dvc.lock (``dvc commit``),
+so ``dvc repro`` after a Prefect run has nothing to do. Independent stages (``embed_labels`` beside
+``train_lfae`` → ``extract_flow``) run concurrently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import networkx as nx
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+
+from lfdm.config import load_params
+from stages import STAGES, execute
+
+_dvc_lock = threading.Lock()  # DVC's repo lock is per process; tasks share one Repo at a time
+
+
+def _dvc_repo():
+    from dvc.repo import Repo
+
+    return Repo(".")
+
+
+def stage_graph() -> nx.DiGraph:
+    """Stage name → the stages it reads from, as declared in dvc.yaml (edges point upstream)."""
+    with _dvc_lock, _dvc_repo() as repo:
+        graph = repo.index.graph
+        return nx.relabel_nodes(graph, {stage: stage.addressing for stage in graph.nodes})
+
+
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def run_stage(name: str, params_path: str, force: bool) -> dict[str, float]:
+    """One DVC stage; a retry resumes training stages from their last checkpoint."""
+    with _dvc_lock, _dvc_repo() as repo:
+        changed = force or bool(repo.status(targets=[name]))
+    metrics_file = Path(load_params(params_path).paths.metrics) / f"{name}.json"
+    if not changed and metrics_file.is_file():
+        print(f"{name}: up to date (dvc status), skipped")
+        return json.loads(metrics_file.read_text())
+    try:
+        metrics = execute(name, load_params(params_path))
+    except Exception as err:
+        raise RuntimeError(f"stage {name!r} failed: {type(err).__name__}: {err}") from err
+    with _dvc_lock, _dvc_repo() as repo:
+        repo.commit(name, force=True)
+    return metrics
+
+
+@flow(name="lfdm", log_prints=True)
+def lfdm(params_path: str = "params.yaml", project_dir: str = ".", force: bool = False) -> dict[str, dict[str, float]]:
+    """Run the whole pipeline (``force`` re-runs stages that DVC considers up to date)."""
+    os.chdir(project_dir)
+    params = load_params(params_path)
+    graph = stage_graph()
+    unknown = set(graph.nodes) - set(STAGES)
+    if unknown:
+        raise ValueError(f"dvc.yaml has stages the flow does not know: {sorted(unknown)}")
+
+    def submit_all() -> dict[str, dict[str, float]]:
+        futures: dict[str, PrefectFuture] = {}
+        for name in reversed(list(nx.topological_sort(graph))):  # upstream first
+            upstream = [futures[dep] for dep in graph.successors(name)]
+            futures[name] = run_stage.with_options(name=name, task_run_name=name).submit(
+                name, params_path, force, wait_for=upstream
+            )
+        return {name: future.result() for name, future in futures.items()}
+
+    if not params.tracking.enabled:
+        return submit_all()
+    from lfdm import tracking
+
+    tracking.configure(params.tracking.uri, params.tracking.experiment)
+    with tracking.pipeline_run(params.model_dump(mode="json"), run_name="prefect lfdm"):
+        return submit_all()

@@ -1,0 +1,142 @@
+"""The product as users meet it, on a shrunk config: ``dvc repro`` in a fresh git repo against a real
+``mlflow server``; the Prefect deployment ``lfdm/full`` through a real Prefect server; a killed
+training stage resuming from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from lfdm.config import load_params
+from stages import STAGES
+
+from .conftest import BIN, make_project, service_env, stop
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 1200) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{output[-6000:]}"
+    return output
+
+
+def stages_ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def assert_pipeline_outputs(project: Path) -> None:
+    p = load_params(project / "params.yaml")
+    for out in (p.paths.frames, p.paths.manifest, p.paths.lfae, p.paths.flows, p.paths.embeddings, p.paths.dm):
+        assert (project / out).exists(), out
+    samples = project / p.paths.samples
+    assert (samples / "manifest.parquet").is_file() and any((samples / "gifs").glob("*.gif"))
+    for stage in STAGES:
+        metrics = json.loads((project / p.paths.metrics / f"{stage}.json").read_text())
+        assert metrics and all(isinstance(v, (int, float)) for v in metrics.values()), stage
+    evaluate = json.loads((project / p.paths.metrics / "evaluate.json").read_text())
+    assert {"l1/lfdm", "l1/static", "l1/oracle", "flow_cosine"} <= set(evaluate)
+    for plot in ("train_lfae.tsv", "train_dm.tsv", "evaluate_l1_per_frame.json", "real_vs_generated.gif"):
+        assert (project / p.paths.plots / plot).is_file(), plot
+
+
+def pipeline_runs(tracking_uri: str, experiment: str) -> tuple[object, list]:
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("lfdm.kind") == "pipeline"]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return parents[0], children
+
+
+def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_path, mlflow_server):
+    project = make_project(tmp_path / "project", {"tracking": {"experiment": "dvc-e2e"}})
+    env = service_env(tmp_path, MLFLOW_TRACKING_URI=mlflow_server)
+
+    first = run(["dvc", "repro"], project, env)
+    assert sorted(stages_ran(first)) == sorted(STAGES)
+    assert_pipeline_outputs(project)
+    assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == set(STAGES)
+
+    parent, children = pipeline_runs(mlflow_server, "dvc-e2e")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["dm.unet.dim"] == "8"
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+    client, by_name = MlflowClient(mlflow_server), {r.info.run_name: r for r in children}
+    assert len(client.get_metric_history(by_name["train_lfae"].info.run_id, "loss/total")) == 4
+    assert "l1/lfdm" in by_name["evaluate"].data.metrics
+    assert by_name["train_dm"].data.params["train_dm.train_dm.steps"] == "4"
+    artifacts = {name: {a.path for a in client.list_artifacts(r.info.run_id)} for name, r in by_name.items()}
+    assert "reconstructions.png" in artifacts["train_lfae"]
+    assert "real_vs_generated.gif" in artifacts["evaluate"]
+    assert client.list_artifacts(by_name["sample"].info.run_id, "samples")
+
+    assert stages_ran(run(["dvc", "repro"], project, env)) == []  # nothing changed → nothing runs
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train_dm"]["lr"] = 1e-4
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_ran(run(["dvc", "repro"], project, env)) == ["train_dm", "sample", "evaluate"]
+
+
+def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_server):
+    project = make_project(tmp_path / "project", {"tracking": {"experiment": "prefect-e2e"}})
+    env = service_env(tmp_path, PREFECT_API_URL=prefect_server, MLFLOW_TRACKING_URI=mlflow_server)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=project, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "lfdm/full"], cwd=project, env=env,
+                             capture_output=True).returncode:
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        output = run([str(BIN / "prefect"), "deployment", "run", "lfdm/full", "--watch"], project, env)
+        assert "Completed" in output, output[-3000:] + log.read_text()[-3000:]
+    finally:
+        stop(serve)
+
+    assert_pipeline_outputs(project)
+    # the flow recorded what it ran in dvc.lock, so DVC agrees that everything is up to date
+    assert stages_ran(run(["dvc", "repro"], project, env)) == []
+    parent, children = pipeline_runs(mlflow_server, "prefect-e2e")
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+
+
+def test_killed_training_stage_resumes_from_its_checkpoint(tmp_path):
+    steps = 200
+    project = make_project(tmp_path / "project", {"tracking": {"enabled": False},
+                                                   "train_lfae": {"steps": steps, "checkpoint_every": 5}})
+    env = service_env(tmp_path)
+    run([sys.executable, "-m", "stages", "preprocess"], project, env)
+    checkpoint = project / "data/checkpoints/train_lfae.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "stages", "train_lfae"], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "train_lfae ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < killed_at < steps
+
+    output = run([sys.executable, "-m", "stages", "train_lfae"], project, env)
+    assert f"resumed at step {killed_at}" in output
+    final = torch.load(project / "data/models/lfae.pt", weights_only=True)
+    assert final["step"] == steps
+    history = torch.load(checkpoint, weights_only=True)["history"]
+    assert [row["step"] for row in history][-1] == steps
