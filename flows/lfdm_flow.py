@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import networkx as nx
@@ -19,40 +18,23 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
+from flows import dvc_state
 from lfdm.config import load_params
 from stages import STAGES, execute
-
-_dvc_lock = threading.Lock()  # DVC's repo lock is per process; tasks share one Repo at a time
-
-
-def _dvc_repo():
-    from dvc.repo import Repo
-
-    return Repo(".")
-
-
-def stage_graph() -> nx.DiGraph:
-    """Stage name → the stages it reads from, as declared in dvc.yaml (edges point upstream)."""
-    with _dvc_lock, _dvc_repo() as repo:
-        graph = repo.index.graph
-        return nx.relabel_nodes(graph, {stage: stage.addressing for stage in graph.nodes})
 
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def run_stage(name: str, params_path: str, force: bool) -> dict[str, float]:
     """One DVC stage; a retry resumes training stages from their last checkpoint."""
-    with _dvc_lock, _dvc_repo() as repo:
-        changed = force or bool(repo.status(targets=[name]))
     metrics_file = Path(load_params(params_path).paths.metrics) / f"{name}.json"
-    if not changed and metrics_file.is_file():
+    if not force and metrics_file.is_file() and dvc_state.is_up_to_date(name):
         print(f"{name}: up to date (dvc status), skipped")
         return json.loads(metrics_file.read_text())
     try:
         metrics = execute(name, load_params(params_path))
     except Exception as err:
         raise RuntimeError(f"stage {name!r} failed: {type(err).__name__}: {err}") from err
-    with _dvc_lock, _dvc_repo() as repo:
-        repo.commit(name, force=True)
+    dvc_state.record(name)
     return metrics
 
 
@@ -61,7 +43,7 @@ def lfdm(params_path: str = "params.yaml", project_dir: str = ".", force: bool =
     """Run the whole pipeline (``force`` re-runs stages that DVC considers up to date)."""
     os.chdir(project_dir)
     params = load_params(params_path)
-    graph = stage_graph()
+    graph = dvc_state.stage_graph()
     unknown = set(graph.nodes) - set(STAGES)
     if unknown:
         raise ValueError(f"dvc.yaml has stages the flow does not know: {sorted(unknown)}")

@@ -68,7 +68,9 @@ def run(p: Params) -> dict[str, float]:
     state.save()
     state.write_plot(Path(p.paths.plots) / "train_lfae.tsv")
     model.eval()
+    pairs = next(batches)
+    source, driving = (pairs[key][:4].to(device) for key in ("source", "driving"))
     with torch.no_grad():
-        out = model(source[:4], driving[:4])
-    tracking.log_image(reconstruction_strip(source[:4], driving[:4], out["prediction"], out["flow"]), "reconstructions.png")
+        out = model(source, driving)
+    tracking.log_image(reconstruction_strip(source, driving, out["prediction"], out["flow"]), "reconstructions.png")
     return {"loss": state.history[-1]["loss/total"], "steps": state.step}
