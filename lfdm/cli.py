@@ -82,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--flow-out", help="also save the latent flow sequence as a PNG strip")
     gen.set_defaults(func=generate)
 
-    rep = commands.add_parser("repro", help="dvc repro under one MLflow parent run; extra args go to dvc")
-    rep.add_argument("dvc_args", nargs=argparse.REMAINDER)
+    rep = commands.add_parser("repro", help="dvc repro under one MLflow parent run; other arguments go to dvc")
     rep.set_defaults(func=repro)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "repro":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.dvc_args = extra
     try:
         return args.func(args)
     except (ParamsError, ValueError, FileNotFoundError) as err:

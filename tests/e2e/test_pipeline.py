@@ -17,7 +17,11 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from PIL import Image
+
 from lfdm.config import load_params
+from lfdm.data import FrameStore, read_manifest
+from lfdm.video import count_frames
 from stages import STAGES
 
 from .conftest import BIN, make_project, service_env, stop
@@ -49,6 +53,10 @@ def assert_pipeline_outputs(project: Path) -> None:
     assert {"l1/lfdm", "l1/static", "l1/oracle", "flow_cosine"} <= set(evaluate)
     for plot in ("train_lfae.tsv", "train_dm.tsv", "evaluate_l1_per_frame.json", "real_vs_generated.gif"):
         assert (project / p.paths.plots / plot).is_file(), plot
+
+
+def first_test_clip(project: Path) -> str:
+    return read_manifest(project / "data/manifest.parquet", split="test")[0].video_id
 
 
 def pipeline_runs(tracking_uri: str, experiment: str) -> tuple[object, list]:
@@ -83,6 +91,19 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
     assert client.list_artifacts(by_name["sample"].info.run_id, "samples")
 
     assert stages_ran(run(["dvc", "repro"], project, env)) == []  # nothing changed → nothing runs
+
+    # the CLI generates from the pipeline's models, for a free-text label never seen in training
+    Image.fromarray(FrameStore(project / "data/frames.zarr").read(first_test_clip(project), [0])[0]).save(
+        project / "face.png"
+    )
+    out = run([str(BIN / "lfdm"), "generate", "--image", "face.png", "--label", "zoom in very slowly",
+               "--out", "clip.mp4", "--flow-out", "flow.png", "--steps", "3"], project, env)
+    assert "wrote clip.mp4 (4 frames" in out
+    assert count_frames(project / "clip.mp4") == 4 and Image.open(project / "flow.png").size == (4 * 8 * 4, 8 * 4)
+    (project / "notes.png").write_text("not an image")
+    bad = subprocess.run([str(BIN / "lfdm"), "generate", "--image", "notes.png", "--label", "zoom in", "--out",
+                          "x.gif"], cwd=project, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "notes.png: not a readable image" in bad.stderr
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train_dm"]["lr"] = 1e-4

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from lfdm.checkpoint import load_checkpoint, save_checkpoint
+from lfdm.config import DMConfig, UNetConfig
+from lfdm.diffusion import FlowDiffusion
+from lfdm.models.checkpoints import load_dm, load_lfae, save_dm, save_lfae
+from lfdm.models.lfae import LatentFlowAutoEncoder
+from lfdm.models.unet3d import Unet3D
+from test_overfit import TINY_LFAE
+
+
+def test_lfae_round_trip_rebuilds_the_model_from_its_config(tmp_path):
+    model = LatentFlowAutoEncoder(TINY_LFAE).eval()
+    save_lfae(tmp_path / "lfae.pt", model, TINY_LFAE, image_size=32, step=7)
+    loaded, meta = load_lfae(tmp_path / "lfae.pt", torch.device("cpu"))
+    assert (meta["step"], meta["image_size"], meta["config"]) == (7, 32, TINY_LFAE.model_dump(mode="json"))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x, x.flip(0))["prediction"], loaded(x, x.flip(0))["prediction"])
+
+
+def test_dm_round_trip(tmp_path):
+    cfg = DMConfig(unet=UNetConfig(dim=8, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8,
+                                   null_embedding="learned"))
+    diffusion = FlowDiffusion(Unet3D(cfg.unet, cond_channels=4, text_dim=6, latent_size=8), cfg.diffusion)
+    save_dm(tmp_path / "dm.pt", diffusion, cfg, cond_channels=4, text_dim=6, num_frames=3, latent_size=8, step=2)
+    loaded, meta = load_dm(tmp_path / "dm.pt", torch.device("cpu"))
+    assert meta["num_frames"] == 3 and DMConfig.model_validate(meta["config"]) == cfg
+    for a, b in zip(diffusion.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", model={"w": torch.ones(2)}, config={"a": [1, 2]}, step=3)
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)  # no pickled classes inside
+    assert raw["step"] == 3 and raw["config"] == {"a": [1, 2]}
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, step=1)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(path, step=2, junk=Unpicklable())
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
+
+
+def test_bad_checkpoints_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt could not be read"):
+        load_checkpoint(tmp_path / "junk.pt")
