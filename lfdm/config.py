@@ -96,7 +96,7 @@ class PerceptualConfig(Section):
 
 
 class TrainLFAEConfig(Section):
-    steps: int = Field(1500, ge=1)
+    steps: int = Field(400, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
@@ -104,8 +104,8 @@ class TrainLFAEConfig(Section):
     gamma: float = Field(0.1, gt=0)
     perceptual: PerceptualConfig = PerceptualConfig()
     equivariance: EquivarianceConfig = EquivarianceConfig()
-    checkpoint_every: int = Field(250, ge=1)
-    log_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     nproc: int = Field(1, ge=1)  # torchrun processes
 
@@ -172,15 +172,15 @@ class DMConfig(Section):
 
 
 class TrainDMConfig(Section):
-    steps: int = Field(3000, ge=1)
+    steps: int = Field(600, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
     milestones: tuple[float, ...] = (0.67, 0.83)  # fractions of `steps` (paper: epochs 800, 1000 of 1200)
     gamma: float = Field(0.1, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     nproc: int = Field(1, ge=1)
 
