@@ -37,8 +37,9 @@ def forever(loader: Iterable) -> Iterator:
 
 
 class TrainingState:
-    """Model + optimizer + LR schedule + step + logged history, saved atomically and resumed when the
-    config matches (the history comes back too, so loss curves survive an interruption)."""
+    """Model + optimizer + LR schedule + step + logged history, saved atomically while training and
+    resumed after an interruption when the config matches (the history comes back too, so loss curves
+    survive). A finished run removes it (:meth:`finish`): re-running a stage trains afresh."""
 
     def __init__(
         self,
@@ -81,6 +82,9 @@ class TrainingState:
         keys = list(dict.fromkeys(k for row in self.history for k in row))
         lines = ["\t".join(keys)] + ["\t".join(f"{row.get(k, '')}" for k in keys) for row in self.history]
         path.write_text("\n".join(lines) + "\n")
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
 
     def save(self) -> None:
         save_checkpoint(

@@ -70,7 +70,7 @@ def run(p: Params) -> dict[str, float]:
         p.paths.dm, diffusion, p.dm, cond_channels=attrs.latent_channels, text_dim=text_dim,
         num_frames=attrs.num_frames, latent_size=attrs.latent_size, step=state.step,
     )
-    state.save()
     state.write_plot(Path(p.paths.plots) / "train_dm.tsv")
+    state.finish()
     recent = [row["loss/diffusion"] for row in state.history[-5:]]
     return {"loss": sum(recent) / len(recent), "steps": state.step}

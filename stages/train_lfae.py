@@ -65,8 +65,8 @@ def run(p: Params) -> dict[str, float]:
                 state.save()
 
     save_lfae(p.paths.lfae, model, p.lfae, image_size=p.data.image_size, step=state.step)
-    state.save()
     state.write_plot(Path(p.paths.plots) / "train_lfae.tsv")
+    state.finish()
     model.eval()
     pairs = next(batches)
     source, driving = (pairs[key][:4].to(device) for key in ("source", "driving"))
