@@ -35,11 +35,19 @@ class EmbeddedDataConfig(Section):
 
 
 class DataConfig(Section):
+    """Which clips ``preprocess`` reads and how it crops them (docs/datasets.md)."""
+
     dataset: Literal["embedded", "mug", "mhad", "natops", "faceforensics", "folder"] = "embedded"
     root: str | None = None
     image_size: int = Field(64, ge=16)
     num_frames: int = Field(10, ge=2)  # K, including the first frame x0
     frame_sampling: Literal["uniform", "random_sorted", "very_random"] = "random_sorted"
+    # real datasets only: frames stored per clip, evenly spaced over it (paper: all, 32–96 per clip)
+    max_frames: int = Field(64, ge=2)
+    # auto: the dataset's own (mhad/natops body, faceforensics face, others none); none: whole frame
+    crop: Literal["auto", "none", "center", "face", "body"] = "auto"
+    face_scale: float = Field(1.8, ge=1.0)  # crop side / detected face side
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # folder without a split column: subjects held out
     embedded: EmbeddedDataConfig = EmbeddedDataConfig()
 
     @field_validator("image_size")
@@ -48,6 +56,19 @@ class DataConfig(Section):
         if v % 4:
             raise ValueError(f"must be divisible by 4 (the encoder downsamples twice), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.dataset != "embedded" and not self.root:
+            raise ValueError(f"root: data.dataset={self.dataset} needs data.root, the dataset's directory")
+        if self.dataset == "embedded" and self.crop not in ("auto", "none"):
+            raise ValueError(f"crop: {self.crop!r} needs a real dataset; embedded clips are never cropped")
+        if self.max_frames < self.num_frames:
+            raise ValueError(
+                f"max_frames: {self.max_frames} stored frames per clip cannot give "
+                f"num_frames={self.num_frames} distinct frames; raise data.max_frames"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------- stage one: LFAE

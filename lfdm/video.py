@@ -7,7 +7,7 @@ mov, mkv, webm, gif, ...) or a folder of images, read in natural order (``frame2
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -42,22 +42,55 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))  # drops alpha, expands palettes and greys
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
+    """``(width, height)`` shrunk so the long side is ``max_side``; None when it already fits."""
+    if max_side is None or max(width, height) <= max_side:
+        return None
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _read_image(path: Path, max_side: int | None = None) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            return _to_rgb(image)
+            if size := _scaled_size(*image.size, max_side):
+                image.draft(None, size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below `size`
+            rgb = _to_rgb(image)
     except (OSError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path}: unreadable image: {err}") from err
+    if size := _scaled_size(rgb.shape[1], rgb.shape[0], max_side):
+        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))  # area average
+    return rgb
 
 
 def iter_frames(path: str | Path) -> Iterator[np.ndarray]:
     """Stream the frames of a video file or image folder, one ``(H, W, 3)`` uint8 array at a time."""
+    for _, frame in iter_indexed_frames(path):
+        yield frame
+
+
+def iter_indexed_frames(
+    path: str | Path, wanted: Collection[int] | None = None, max_side: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Stream ``(index, frame)`` for the frames whose index is in ``wanted`` (all when None), in order.
+
+    Made for long or huge videos: unwanted frames are decoded (inter-frame codecs need them) but never
+    converted to RGB, unwanted image files are never opened, and decoding stops after the last wanted
+    index. ``max_side``: a larger frame is downscaled (area average) while it is converted, so no
+    full-resolution RGB copy exists; JPEG frames are even decoded at reduced scale.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such video file or frame folder")
+    last = None if wanted is None else max(wanted, default=-1)
+    if last is not None and last < 0:
+        return
     if path.is_dir():
-        for file in _image_files(path):
-            yield _read_image(file)
+        for i, file in enumerate(_image_files(path)):
+            if wanted is None or i in wanted:
+                yield i, _read_image(file, max_side)
+            if i == last:
+                return
         return
     count = 0
     try:
@@ -66,9 +99,16 @@ def iter_frames(path: str | Path) -> Iterator[np.ndarray]:
                 raise ValueError(f"{path}: no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
+            for i, frame in enumerate(container.decode(stream)):
                 count += 1
-                yield frame.to_ndarray(format="rgb24")
+                if wanted is None or i in wanted:
+                    if size := _scaled_size(frame.width, frame.height, max_side):
+                        w, h = size
+                        yield i, frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")
+                    else:
+                        yield i, frame.to_ndarray(format="rgb24")
+                if i == last:
+                    return
     except av.FFmpegError as err:
         raise ValueError(f"{path}: cannot decode video: {err}") from err
     if not count:
