@@ -22,14 +22,16 @@ from lfdm.config import Params
 from lfdm.data import FlowStore, FrameStore, read_manifest, to_tensor
 from lfdm.device import resolve_device
 from lfdm.models.checkpoints import load_lfae
-from lfdm.models.warp import from_diffusion_tensor
+from lfdm.models.warp import from_diffusion_tensor, identity_grid
 from lfdm.video import write_video
 from lfdm.viz import video_grid
 
 
 def mean_trajectory(x: torch.Tensor) -> torch.Tensor:
-    """``(3, K, h, w)`` diffusion tensor (displacement x, y, occlusion) → mean displacement per frame ``(K·2,)``."""
-    return x[:2].mean(dim=(2, 3)).T.flatten()
+    """``(3, K, h, w)`` diffusion tensor → the mean displacement per frame, flattened ``(K·2,)``."""
+    grid, _ = from_diffusion_tensor(x[None])
+    h, w = grid.shape[2:4]
+    return (grid[0] - identity_grid(h, w, dtype=grid.dtype)).mean(dim=(1, 2)).flatten()
 
 
 def run(p: Params) -> dict[str, float]:

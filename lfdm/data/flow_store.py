@@ -1,7 +1,7 @@
 """The Zarr v3 store written by ``extract_flow`` and read by ``train_dm``.
 
 Layout: ``flows/<video_id>`` ``(3, K, h, w)`` — the diffusion tensor of
-:func:`lfdm.models.warp.to_diffusion_tensor` (displacement x, y, 2·occlusion − 1); ``z0/<video_id>``
+:func:`lfdm.models.warp.to_diffusion_tensor` (grid x, grid y, 2·occlusion − 1); ``z0/<video_id>``
 ``(C, h, w)`` — the LFAE latent of the clip's first frame; group attributes :class:`FlowStoreAttrs`.
 One chunk per array: a training sample always reads the whole of both.
 

@@ -5,12 +5,8 @@ official code uses it: ``warp(z, grid)[..., i, j] = z`` sampled at ``grid[i, j]`
 -1 and +1 at the centres of the corner pixels, so ``align_corners=True`` makes the identity warp exact
 (the official code mixes this grid with ``align_corners=False``, a half-pixel shift).
 
-The diffusion model sees a sequence as one ``(B, 3, K, H, W)`` tensor: the displacement
-(grid − identity) in x and y, and the occlusion map rescaled from [0, 1] to [-1, 1]. The official code
-diffuses the absolute grid instead; its coordinate ramp is something a convolutional U-Net with no
-positional input must reconstruct from padding cues alone when sampling starts from pure noise, and a
-small model trained briefly does not (docs/model.md). The displacement is ≈ 0 where nothing moves and
-stays within [-1, 1] for motions up to half the frame.
+The diffusion model sees a sequence as one ``(B, 3, K, H, W)`` tensor: grid x, grid y, and the
+occlusion map rescaled from [0, 1] to [-1, 1]; all three live in about [-1, 1].
 """
 
 from __future__ import annotations
@@ -37,13 +33,11 @@ def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 def to_diffusion_tensor(grid: torch.Tensor, occlusion: torch.Tensor) -> torch.Tensor:
     """``grid (B, K, H, W, 2)`` + ``occlusion (B, K, 1, H, W)`` in [0, 1] → ``(B, 3, K, H, W)``."""
-    displacement = grid - identity_grid(*grid.shape[2:4], device=grid.device, dtype=grid.dtype)
-    return torch.cat((displacement.permute(0, 4, 1, 2, 3), occlusion.transpose(1, 2) * 2 - 1), dim=1)
+    return torch.cat((grid.permute(0, 4, 1, 2, 3), occlusion.transpose(1, 2) * 2 - 1), dim=1)
 
 
 def from_diffusion_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`to_diffusion_tensor`; the occlusion map is clamped to [0, 1]."""
-    displacement = x[:, :2].permute(0, 2, 3, 4, 1)
-    grid = displacement + identity_grid(*x.shape[3:5], device=x.device, dtype=x.dtype)
+    grid = x[:, :2].permute(0, 2, 3, 4, 1)
     occlusion = ((x[:, 2:3] + 1) / 2).clamp(0, 1).transpose(1, 2)
     return grid, occlusion
