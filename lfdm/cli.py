@@ -13,11 +13,12 @@ from lfdm.config import ParamsError, SamplerConfig, load_params
 
 def generate(args: argparse.Namespace) -> int:
     import torch
+    from PIL import Image
 
     from lfdm.device import resolve_device
     from lfdm.generate import LFDMPipeline, load_image
     from lfdm.video import write_video
-    from lfdm.viz import flow_to_rgb
+    from lfdm.viz import flow_strip, to_uint8
 
     if not args.label.strip():
         raise ValueError("--label is empty: give the motion to generate, e.g. --label 'zoom in'")
@@ -35,15 +36,11 @@ def generate(args: argparse.Namespace) -> int:
     image = load_image(args.image, pipe.image_size)
     generator = torch.Generator(device).manual_seed(args.seed)
     gen = pipe(image[None], [args.label], sampler, generator=generator)
-    video = (gen.videos[0].clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    video = to_uint8(gen.videos[0])
     write_video(args.out, video, fps=args.fps)
     print(f"wrote {args.out} ({len(video)} frames, {sampler.sampler}-{sampler.steps}, g={sampler.guidance})")
     if args.flow_out:
-        from PIL import Image
-        import numpy as np
-
-        strip = np.concatenate(list(flow_to_rgb(gen.flow[0].cpu())), axis=1)
-        Image.fromarray(strip.repeat(4, 0).repeat(4, 1)).save(args.flow_out)
+        Image.fromarray(flow_strip(gen.flow[0])).save(args.flow_out)
         print(f"wrote {args.flow_out}")
     return 0
 

@@ -120,15 +120,7 @@ class FlowDiffusion(nn.Module):
         pred = self.denoiser(self.add_noise(x0, noise, t), t, cond, text_emb, drop)
         return F.mse_loss(pred.float(), noise.float())
 
-    def forward(
-        self,
-        x0: torch.Tensor,
-        cond: torch.Tensor,
-        text_emb: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """The training loss, so DistributedDataParallel (which hooks ``forward``) can wrap this module."""
-        return self.loss(x0, cond, text_emb, generator)
+    forward = loss  # so DistributedDataParallel, which hooks forward, can wrap this module
 
     @torch.inference_mode()
     def sample(

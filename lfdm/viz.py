@@ -81,6 +81,17 @@ def video_grid(
     return out
 
 
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """Frames ``(..., 3, H, W)`` in [0, 1] → ``(..., H, W, 3)`` uint8, channels last."""
+    return (frames.detach().clamp(0, 1) * 255).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+def flow_strip(grid: torch.Tensor, scale: int = 4) -> np.ndarray:
+    """A clip's flows ``(K, h, w, 2)`` → one picture, the K frames side by side, ``scale``× upsampled."""
+    strip = np.concatenate(list(flow_to_rgb(grid.cpu())), axis=1)
+    return strip.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
 def reconstruction_strip(
     source: torch.Tensor, driving: torch.Tensor, prediction: torch.Tensor, flow: torch.Tensor, scale: int = 2
 ) -> np.ndarray:
@@ -88,8 +99,7 @@ def reconstruction_strip(
 
     ``source``, ``driving``, ``prediction``: ``(B, 3, H, W)`` in [0, 1]; ``flow``: ``(B, h, w, 2)``.
     """
-    frames = [(t.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-              for t in (source, driving, prediction)]
+    frames = [to_uint8(t) for t in (source, driving, prediction)]
     size = source.shape[-1] // flow.shape[1]
     colours = flow_to_rgb(flow.cpu()).repeat(size, axis=1).repeat(size, axis=2)
     cells = [cell for row in zip(*frames, colours, strict=True) for cell in row]

@@ -24,7 +24,7 @@ from lfdm.device import resolve_device
 from lfdm.models.checkpoints import load_lfae
 from lfdm.models.warp import from_diffusion_tensor, identity_grid
 from lfdm.video import write_video
-from lfdm.viz import video_grid
+from lfdm.viz import to_uint8, video_grid
 
 
 def mean_trajectory(x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def run(p: Params) -> dict[str, float]:
                 mean_trajectory(torch.from_numpy(generated_flow)), mean_trajectory(torch.from_numpy(flow)), dim=0
             ).item())
             if len(grid_videos) < p.evaluate.max_grid_videos:
-                grid_videos.append(np.concatenate([_uint8(truth), _uint8(fake)], axis=2))  # real | generated
+                grid_videos.append(np.concatenate([to_uint8(truth), to_uint8(fake)], axis=2))  # real | generated
 
     curves = {name: np.stack(values).mean(axis=0) for name, values in per_frame.items()}
     metrics = {f"l1/{name}": float(curve.mean()) for name, curve in curves.items()}
@@ -73,7 +73,3 @@ def run(p: Params) -> dict[str, float]:
     write_video(grid_path, video_grid(grid_videos, columns=2, scale=2), fps=p.sample.fps)
     tracking.log_file(grid_path)
     return metrics
-
-
-def _uint8(video: torch.Tensor) -> np.ndarray:
-    return (video.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -12,9 +12,9 @@ from tqdm import tqdm
 from lfdm.config import Params
 from lfdm.data import FlowStore, FlowStoreAttrs, FrameStore, read_manifest, to_tensor
 from lfdm.device import resolve_device
-from lfdm.utils import batched
 from lfdm.models.checkpoints import load_lfae
 from lfdm.models.warp import to_diffusion_tensor
+from lfdm.utils import batched
 
 
 def run(p: Params) -> dict[str, float]:

@@ -10,19 +10,26 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from lfdm import tracking
 from lfdm.config import Params
-from lfdm.data import FlowStore, FlowStoreAttrs, FrameStore, ManifestRow, read_manifest, to_tensor, write_manifest
+from lfdm.data import (
+    FlowStore,
+    FlowStoreAttrs,
+    FrameStore,
+    ManifestRow,
+    read_manifest,
+    to_tensor,
+    write_manifest,
+)
 from lfdm.device import resolve_device
-from lfdm.utils import batched
 from lfdm.generate import LFDMPipeline
 from lfdm.models.warp import to_diffusion_tensor
+from lfdm.utils import batched
 from lfdm.video import write_video
-from lfdm.viz import flow_to_rgb
+from lfdm.viz import flow_strip, to_uint8
 
 MAX_LOGGED_GIFS = 8  # sample gifs attached to the MLflow run (all of them stay in paths.samples)
 
@@ -30,7 +37,7 @@ MAX_LOGGED_GIFS = 8  # sample gifs attached to the MLflow run (all of them stay 
 def plan(p: Params) -> list[ManifestRow]:
     """What to generate: one row per sample, ``source`` = the real test clip whose x0 is used."""
     tests = read_manifest(p.paths.manifest, split="test")
-    rows = [_sample_row(real, real.label, f"{real.video_id}") for real in tests]
+    rows = [_sample_row(real, real.label, real.video_id) for real in tests]
     firsts = list({real.subject: real for real in tests}.values())[: p.sample.extra_label_videos]
     for real, (i, prompt) in itertools.product(firsts, enumerate(p.sample.extra_labels)):
         rows.append(_sample_row(real, prompt, f"{real.subject}__prompt{i}"))
@@ -61,7 +68,7 @@ def run(p: Params) -> dict[str, float]:
         for batch in batched(rows, p.sample.batch_size):
             x0 = torch.stack([to_tensor(real_frames.read(r.source, r.frame_indices[:1]))[0] for r in batch])
             gen = pipe(x0, [r.label for r in batch], p.sample, generator=generator)
-            frames = (gen.videos.clamp(0, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()
+            frames = to_uint8(gen.videos)
             sequences = to_diffusion_tensor(gen.flow, gen.occlusion).cpu().numpy()
             for row, video, seq, z0 in zip(batch, frames, sequences, gen.z0.cpu().numpy(), strict=True):
                 videos.write(row.video_id, video)
@@ -73,6 +80,5 @@ def run(p: Params) -> dict[str, float]:
     write_manifest(out / "manifest.parquet", rows)
     for gif in gifs[:MAX_LOGGED_GIFS]:
         tracking.log_file(gif, "samples")
-    strip = np.concatenate(list(flow_to_rgb(gen.flow[-1].cpu())), axis=1)  # the last sample's K flows
-    tracking.log_image(strip.repeat(4, 0).repeat(4, 1), f"flow_{row.video_id}.png")
+    tracking.log_image(flow_strip(gen.flow[-1]), f"flow_{row.video_id}.png")  # the last sample's K flows
     return {"videos": len(rows), "prompts": len(p.sample.extra_labels)}

@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
-
 from PIL import Image
 
 from lfdm.config import load_params

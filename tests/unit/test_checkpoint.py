@@ -1,5 +1,6 @@
 import pytest
 import torch
+from test_overfit import TINY_LFAE
 
 from lfdm.checkpoint import load_checkpoint, save_checkpoint
 from lfdm.config import DMConfig, UNetConfig
@@ -7,7 +8,6 @@ from lfdm.diffusion import FlowDiffusion
 from lfdm.models.checkpoints import load_dm, load_lfae, save_dm, save_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
-from test_overfit import TINY_LFAE
 
 
 def test_lfae_round_trip_rebuilds_the_model_from_its_config(tmp_path):

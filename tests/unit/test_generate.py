@@ -1,15 +1,15 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from _tiny_bert import write_tiny_bert
+from PIL import Image
+from test_overfit import TINY_LFAE
+
 from lfdm.config import DiffusionConfig, SamplerConfig, TextConfig, UNetConfig
 from lfdm.diffusion import FlowDiffusion
 from lfdm.generate import LFDMPipeline, load_image
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
-from test_overfit import TINY_LFAE
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_generates_one_video_per_image_and_label(pipe):
 
 def test_same_seed_same_video(pipe):
     images = torch.rand(1, 3, 32, 32)
-    run = lambda seed: pipe(images, ["zoom in"], SamplerConfig(sampler="ddpm"),  # noqa: E731
+    run = lambda seed: pipe(images, ["zoom in"], SamplerConfig(sampler="ddpm"),
                             generator=torch.Generator().manual_seed(seed)).videos
     assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
 
