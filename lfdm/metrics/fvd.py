@@ -34,7 +34,7 @@ VideoSet = Videos | Iterable[Videos]
 FeatureExtractor = Callable[[VideoSet], np.ndarray]
 
 
-def video_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Features ``(N, D)``, N ≥ 2 → mean ``(D,)`` and unbiased covariance ``(D, D)``, float64."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < 2:
@@ -114,14 +114,14 @@ class I3DFeatures:
         return np.concatenate(features)
 
 
-def fvd_from_features(real_features: np.ndarray, fake_features: np.ndarray) -> float:
-    """FVD between two feature sets ``(N_real, D)`` and ``(N_fake, D)``."""
-    return frechet_distance(*video_statistics(real_features), *video_statistics(fake_features))
+def feature_frechet_distance(real_features: np.ndarray, fake_features: np.ndarray) -> float:
+    """Fréchet distance between two feature sets ``(N_real, D)`` and ``(N_fake, D)`` (FVD on I3D features)."""
+    return frechet_distance(*feature_statistics(real_features), *feature_statistics(fake_features))
 
 
 def fvd(real_videos: VideoSet, fake_videos: VideoSet, extractor: FeatureExtractor) -> float:
     """FVD between two video sets (see the module doc for layout and range), e.g. ``extractor=I3DFeatures()``."""
-    return fvd_from_features(extractor(real_videos), extractor(fake_videos))
+    return feature_frechet_distance(extractor(real_videos), extractor(fake_videos))
 
 
 def group_fvds(
@@ -144,7 +144,7 @@ def group_fvds(
             f"only among fake videos: {sorted(map(str, fake_set - real_set))}"
         )
     return {
-        group: fvd_from_features(real_features[real_groups == group], fake_features[fake_groups == group])
+        group: feature_frechet_distance(real_features[real_groups == group], fake_features[fake_groups == group])
         for group in sorted(real_set, key=str)
     }
 

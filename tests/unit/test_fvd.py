@@ -16,11 +16,11 @@ from lfdm.metrics import (
     NumpyUnpickler,
     frechet_distance,
     fvd,
-    fvd_from_features,
+    feature_frechet_distance,
     group_fvds,
     grouped_fvd,
     load_i3d,
-    video_statistics,
+    feature_statistics,
 )
 from lfdm.metrics.i3d import i3d_weights_path, load_i3d_state_dict
 
@@ -172,11 +172,11 @@ def test_frechet_distance_closed_form_diagonal() -> None:
 def test_frechet_distance_singular_covariances() -> None:
     """Fewer samples than dimensions (rank-deficient Σ, as with small FVD sets): finite, ≈ 0 on itself."""
     features = np.random.default_rng(0).normal(size=(5, 40))
-    mu, sigma = video_statistics(features)
+    mu, sigma = feature_statistics(features)
     assert np.linalg.matrix_rank(sigma) == 4
     assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-6 * np.trace(sigma))
     with pytest.raises(ValueError, match="N ≥ 2"):
-        video_statistics(features[:1])
+        feature_statistics(features[:1])
 
 
 def test_fvd_applies_the_extractor_to_both_sets() -> None:
@@ -186,7 +186,7 @@ def test_fvd_applies_the_extractor_to_both_sets() -> None:
     g = torch.Generator().manual_seed(0)
     real, fake = torch.rand(6, 5, 4, 4, 3, generator=g), torch.rand(6, 5, 4, 4, 3, generator=g) * 0.5
     assert fvd(real, real, extractor) == pytest.approx(0, abs=1e-10)
-    assert fvd(real, fake, extractor) == pytest.approx(fvd_from_features(extractor(real), extractor(fake)))
+    assert fvd(real, fake, extractor) == pytest.approx(feature_frechet_distance(extractor(real), extractor(fake)))
 
 
 def test_grouped_fvd_measures_condition_agreement() -> None:
@@ -201,7 +201,7 @@ def test_grouped_fvd_measures_condition_agreement() -> None:
     swapped_mean, _ = grouped_fvd(real, fake, labels, swapped)
     per_group = group_fvds(real, fake, labels, labels)
     assert per_group.keys() == {"a", "b"}
-    assert per_group["a"] == pytest.approx(fvd_from_features(real[labels == "a"], fake[labels == "a"]))
+    assert per_group["a"] == pytest.approx(feature_frechet_distance(real[labels == "a"], fake[labels == "a"]))
     assert matched_mean == pytest.approx(np.mean(list(per_group.values())))
     assert matched_std == pytest.approx(np.std(list(per_group.values())))
     assert matched_mean < 2 and swapped_mean > 250  # ‖Δμ‖² = 3 · 10² between the groups
@@ -248,10 +248,10 @@ def test_features_preprocessing_layouts_and_ranges(extractor: I3DFeatures, real_
 
 def test_fvd_of_a_set_with_itself_is_zero_and_fvd_is_symmetric(real_features: np.ndarray) -> None:
     assert real_features.shape == (8, 400)
-    assert fvd_from_features(real_features, real_features) == pytest.approx(0, abs=1e-2)  # trace ≈ 1.1e3
+    assert feature_frechet_distance(real_features, real_features) == pytest.approx(0, abs=1e-2)  # trace ≈ 1.1e3
     faces, streets = real_features[:4], real_features[4:]
-    assert fvd_from_features(faces, streets) == pytest.approx(fvd_from_features(streets, faces), rel=1e-8)
-    assert fvd_from_features(faces, streets) > 1000  # talking head vs street scenes
+    assert feature_frechet_distance(faces, streets) == pytest.approx(feature_frechet_distance(streets, faces), rel=1e-8)
+    assert feature_frechet_distance(faces, streets) > 1000  # talking head vs street scenes
 
 
 @pytest.mark.slow
@@ -278,5 +278,5 @@ def test_fvd_grows_with_corruption(
         return videos
 
     for corrupt, levels in ((noisy, (0.05, 0.1, 0.2)), (shuffled, (0.5, 1.0)), (frozen, (FRAMES // 2, 1))):
-        distances = [fvd_from_features(real_features, extractor(corrupt(level))) for level in levels]
+        distances = [feature_frechet_distance(real_features, extractor(corrupt(level))) for level in levels]
         assert 100 < distances[0] and np.all(np.diff(distances) > 0), (corrupt.__name__, distances)
