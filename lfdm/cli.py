@@ -17,6 +17,7 @@ def generate(args: argparse.Namespace) -> int:
 
     from lfdm.device import resolve_device
     from lfdm.generate import LFDMPipeline, load_image
+    from lfdm.models.checkpoints import sampling_lfae_path
     from lfdm.video import write_video
     from lfdm.viz import flow_strip, to_uint8
 
@@ -31,7 +32,7 @@ def generate(args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device or p.device)
     pipe = LFDMPipeline.from_checkpoints(
-        args.lfae or p.paths.lfae, args.dm or p.paths.dm, p.paths.embeddings, p.text, device
+        args.lfae or sampling_lfae_path(p), args.dm or p.paths.dm, p.paths.embeddings, p.text, device
     )
     image = load_image(args.image, pipe.image_size)
     generator = torch.Generator(device).manual_seed(args.seed)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--fps", type=int, default=8)
     gen.add_argument("--device")
-    gen.add_argument("--lfae", help="LFAE checkpoint (default: paths.lfae)")
+    gen.add_argument("--lfae", help="LFAE checkpoint (default: the one sample.decoder selects)")
     gen.add_argument("--dm", help="diffusion checkpoint (default: paths.dm)")
     gen.add_argument("--flow-out", help="also save the latent flow sequence as a PNG strip")
     gen.set_defaults(func=generate)

@@ -175,6 +175,7 @@ class SampleConfig(SamplerConfig):
     """The ``sample`` stage: every test clip's first frame × its label, plus free-text prompts."""
 
     extra_labels: tuple[str, ...] = ("pan to the left", "zoom out slowly")  # prompts beyond the labels
+    decoder: Literal["trained", "finetuned"] = "trained"  # finetuned: finetune_decoder's Ω (needs it enabled)
     extra_label_videos: int = Field(2, ge=0)  # test images that also get each extra label
     batch_size: int = Field(8, ge=1)
     seed: int = 1234
@@ -210,6 +211,24 @@ class ExtractFlowConfig(Section):
     batch_size: int = Field(16, ge=1)
 
 
+class FinetuneDecoderConfig(Section):
+    """New-domain decoder fine-tuning (paper Sec. 4.3, Table 5): Φ and F frozen, only Ω trained with the
+    perceptual loss on the new domain's videos (their labels are not used). Off by default."""
+
+    enabled: bool = False
+    # the new domain's videos, read like data.dataset/data.root/data.crop (sizes and sampling from `data`)
+    dataset: Literal["mug", "mhad", "natops", "faceforensics", "folder"] = "folder"
+    root: str | None = None
+    crop: Literal["auto", "none", "center", "face", "body"] = "auto"
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
 class EvaluateConfig(Section):
     max_grid_videos: int = Field(8, ge=1)  # videos in the real-vs-generated grid artifact
 
@@ -229,6 +248,7 @@ class PathsConfig(Section):
     samples: str = "data/samples"
     metrics: str = "metrics"
     plots: str = "plots"
+    finetune: str = "data/finetune"  # finetune_decoder: new-domain frames, manifest, LFAE with the tuned Ω
     checkpoints: str = "data/checkpoints"  # in-progress training state (resume); not a DVC out
 
 
@@ -254,6 +274,32 @@ class Params(Section):
     train_dm: TrainDMConfig = TrainDMConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    finetune_decoder: FinetuneDecoderConfig = FinetuneDecoderConfig()
+
+    @property
+    def finetune_data(self) -> DataConfig:
+        """``data`` with the new domain's dataset, root and crop (validated when fine-tuning is enabled)."""
+        ft = self.finetune_decoder
+        return DataConfig.model_validate(
+            self.data.model_dump() | {"dataset": ft.dataset, "root": ft.root, "crop": ft.crop}
+        )
+
+    @model_validator(mode="after")
+    def _finetune_is_usable(self) -> Params:
+        if self.sample.decoder == "finetuned" and not self.finetune_decoder.enabled:
+            raise ValueError(
+                "sample.decoder: 'finetuned' needs finetune_decoder.enabled: true (no fine-tuned decoder exists)"
+            )
+        if self.finetune_decoder.enabled:
+            if not self.finetune_decoder.root:
+                raise ValueError("finetune_decoder.root: the new domain's directory is needed when fine-tuning is enabled")
+            try:
+                self.finetune_data
+            except ValidationError as err:
+                raise ValueError(
+                    "finetune_decoder: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+                ) from None
+        return self
 
     @model_validator(mode="after")
     def _networks_fit_the_latent(self) -> Params:
@@ -279,7 +325,8 @@ def _format_error(source: str, err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         got = f" (got {e['input']!r})" if e["type"] not in ("missing", "value_error") and "input" in e else ""
-        lines.append(f"{source}: {key + ': ' if key else ''}{e['msg']}{got}")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {key + ': ' if key else ''}{msg}{got}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The seven pipeline stages. Each ``stages/<name>.py`` has ``run(params) -> metrics``; ``execute`` wraps
+"""The pipeline stages. Each ``stages/<name>.py`` has ``run(params) -> metrics``; ``execute`` wraps
 it with the MLflow child run and the metrics file, and is what both DVC (``python -m stages <name>``)
 and the Prefect flow call, so no stage logic exists twice."""
 
@@ -14,6 +14,7 @@ from lfdm.config import Params
 STAGES: dict[str, tuple[str, ...]] = {
     "preprocess": ("seed", "data"),
     "train_lfae": ("seed", "device", "precision", "data", "lfae", "train_lfae"),
+    "finetune_decoder": ("seed", "device", "precision", "data", "train_lfae.perceptual", "finetune_decoder"),
     "extract_flow": ("device", "data.num_frames", "extract_flow"),
     "embed_labels": ("device", "text", "sample.extra_labels"),
     "train_dm": ("seed", "device", "precision", "dm", "train_dm"),

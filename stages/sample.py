@@ -26,6 +26,7 @@ from lfdm.data import (
 )
 from lfdm.device import resolve_device
 from lfdm.generate import LFDMPipeline
+from lfdm.models.checkpoints import sampling_lfae_path
 from lfdm.models.warp import to_diffusion_tensor
 from lfdm.utils import batched
 from lfdm.video import write_video
@@ -53,13 +54,14 @@ def _sample_row(real: ManifestRow, label: str, sample_id: str) -> ManifestRow:
 
 def run(p: Params) -> dict[str, float]:
     device = resolve_device(p.device)
-    pipe = LFDMPipeline.from_checkpoints(p.paths.lfae, p.paths.dm, p.paths.embeddings, p.text, device)
+    lfae = sampling_lfae_path(p)
+    pipe = LFDMPipeline.from_checkpoints(lfae, p.paths.dm, p.paths.embeddings, p.text, device)
     real_frames = FrameStore(p.paths.frames)
     out = Path(p.paths.samples)
     videos = FrameStore(out / "frames.zarr", "w")
     flows = FlowStore(out / "flows.zarr", "w", FlowStoreAttrs(
         num_frames=pipe.num_frames, latent_size=pipe.image_size // 4, latent_channels=pipe.latent_channels,
-        lfae_checkpoint=p.paths.lfae, lfae_sha256="",
+        lfae_checkpoint=str(lfae), lfae_sha256="",
     ))
     rows = plan(p)
     generator = torch.Generator(device).manual_seed(p.sample.seed)

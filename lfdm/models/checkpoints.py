@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lfdm.checkpoint import load_checkpoint, save_checkpoint
-from lfdm.config import DMConfig, LFAEConfig
+from lfdm.config import DMConfig, LFAEConfig, Params
 from lfdm.diffusion import FlowDiffusion
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
@@ -24,6 +24,16 @@ def load_lfae(path: str | Path, device: torch.device) -> tuple[LatentFlowAutoEnc
     model = LatentFlowAutoEncoder(LFAEConfig.model_validate(ckpt["config"]))
     model.load_state_dict(ckpt.pop("model"))
     return model.to(device).eval(), ckpt
+
+
+def finetuned_lfae_path(p: Params) -> Path:
+    """Where ``finetune_decoder`` writes the LFAE with its new-domain decoder."""
+    return Path(p.paths.finetune) / "lfae.pt"
+
+
+def sampling_lfae_path(p: Params) -> Path:
+    """The LFAE that ``sample`` and ``lfdm generate`` decode with (``sample.decoder``)."""
+    return finetuned_lfae_path(p) if p.sample.decoder == "finetuned" else Path(p.paths.lfae)
 
 
 def save_dm(

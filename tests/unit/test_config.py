@@ -21,7 +21,7 @@ def test_params_yaml_is_complete_and_matches_the_defaults():
     [
         ({"dm": {"unet": {"dim": "wide"}}}, "dm.unet.dim"),
         ({"train_lfae": {"stepz": 3}}, "train_lfae.stepz"),
-        ({"data": {"image_size": 30}}, "data.image_size: Value error, must be divisible by 4"),
+        ({"data": {"image_size": 30}}, "data.image_size: must be divisible by 4"),
         ({"data": {"num_frames": 1}}, "data.num_frames"),
         ({"data": {"dataset": "ucf101"}}, "data.dataset"),
         ({"sample": {"guidance": -1}}, "sample.guidance"),
@@ -32,6 +32,9 @@ def test_params_yaml_is_complete_and_matches_the_defaults():
              "dm": {"unet": {"dim_mults": [1, 2, 4, 8]}}},
             "dm.unet.dim_mults halves",
         ),
+        ({"finetune_decoder": {"enabled": True}}, "finetune_decoder.root: the new domain's directory"),
+        ({"finetune_decoder": {"enabled": True, "root": "faces", "dataset": "embedded"}}, "finetune_decoder.dataset"),
+        ({"sample": {"decoder": "finetuned"}}, "sample.decoder: 'finetuned' needs finetune_decoder.enabled"),
     ],
 )
 def test_bad_params_name_the_key(raw, message):

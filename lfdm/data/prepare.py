@@ -1,0 +1,64 @@
+"""A dataset → cropped/resized frames (Zarr) + a Parquet manifest: the body of ``preprocess``, also used
+by ``finetune_decoder`` for its new-domain videos."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lfdm.config import DataConfig
+from lfdm.data.clips import Skip
+from lfdm.data.datasets import iter_dataset
+from lfdm.data.frames import FrameStore, sample_frame_indices
+from lfdm.data.manifest import ManifestRow, write_manifest
+
+
+def prepare_dataset(
+    cfg: DataConfig, seed: int, frames: str | Path, manifest: str | Path, skipped_report: str | Path,
+    *, key: str = "data",
+) -> dict[str, float]:
+    """Read every clip of ``cfg.dataset``, write its frames and the manifest, list skipped clips with their
+    reason in ``skipped_report`` (JSON), and return counts. Errors name the params section ``key``."""
+    rng = np.random.default_rng(seed)
+    store = FrameStore(frames, mode="w")
+    rows: list[ManifestRow] = []
+    skipped: list[Skip] = []
+    for clip in tqdm(iter_dataset(cfg, seed, skipped.append), desc=f"{key}: {cfg.dataset}", unit="clip"):
+        store.write(clip.video_id, clip.frames)
+        indices = sample_frame_indices(len(clip.frames), cfg.num_frames, cfg.frame_sampling, rng)
+        rows.append(
+            ManifestRow(
+                video_id=clip.video_id,
+                label=clip.label,
+                subject=clip.subject,
+                split=clip.split,
+                num_frames=len(clip.frames),
+                source=clip.source,
+                frame_indices=indices.tolist(),
+            )
+        )
+    report = Path(skipped_report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(
+        json.dumps({"count": len(skipped), "skipped": [asdict(s) for s in skipped]}, indent=2) + "\n"
+    )
+    splits = [r.split for r in rows]
+    for split in ("train", "test"):
+        if split not in splits:
+            raise ValueError(
+                f"{key}.dataset={cfg.dataset}: no usable {split} clips ({len(rows)} read, {len(skipped)} "
+                f"skipped: see {report}); the stages after it need both train and test clips"
+            )
+    write_manifest(manifest, rows)
+    return {
+        "videos": len(rows),
+        "train_videos": splits.count("train"),
+        "test_videos": splits.count("test"),
+        "labels": len({r.label for r in rows}),
+        "subjects": len({r.subject for r in rows}),
+        "skipped_videos": len(skipped),
+    }
