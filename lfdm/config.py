@@ -177,6 +177,7 @@ class SampleConfig(SamplerConfig):
     extra_labels: tuple[str, ...] = ("pan to the left", "zoom out slowly")  # prompts beyond the labels
     decoder: Literal["trained", "finetuned"] = "trained"  # finetuned: finetune_decoder's Ω (needs it enabled)
     extra_label_videos: int = Field(2, ge=0)  # test images that also get each extra label
+    seen_videos: int = Field(32, ge=0)  # training clips also generated: FVD on seen vs unseen images
     batch_size: int = Field(8, ge=1)
     seed: int = 1234
     fps: int = Field(8, ge=1)
@@ -231,6 +232,9 @@ class FinetuneDecoderConfig(Section):
 
 class EvaluateConfig(Section):
     max_grid_videos: int = Field(8, ge=1)  # videos in the real-vs-generated grid artifact
+    batch_size: int = Field(8, ge=1)  # videos per I3D forward pass
+    classifier_steps: int = Field(300, ge=1)  # condition-accuracy classifier training steps
+    classifier_size: int = Field(32, ge=8, multiple_of=8)  # frame side the classifier sees
 
 
 # -------------------------------------------------------------------------------------- top level

@@ -19,7 +19,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "embed_labels": ("device", "text", "sample.extra_labels"),
     "train_dm": ("seed", "device", "precision", "dm", "train_dm"),
     "sample": ("device", "text", "sample"),
-    "evaluate": ("device", "sample.fps", "evaluate"),
+    "evaluate": ("seed", "device", "sample.fps", "evaluate"),
 }
 
 

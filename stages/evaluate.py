@@ -1,11 +1,22 @@
-"""evaluate: generated vs real test videos, beside two references on the same clips —
-the static baseline (x0 repeated) and the oracle (the LFAE decoding the flow extracted from the real
-video: the diffusion model's upper bound).
+"""evaluate: generated test videos against the real ones, beside two references on the same clips —
+``static`` (x0 repeated: no motion at all) and ``oracle`` (the LFAE decoding the flow extracted from the
+real video: the diffusion model's upper bound) — in one table.
 
-Metrics (pixel values in [0, 1], averaged per pixel, per frame and per video; frame 0 excluded, it is
-the given image): ``l1/{lfdm,static,oracle}``; ``flow_cosine``: cosine between the mean latent
-displacement trajectories of the generated and the real flow (does the video move the way the label
-says); and per-frame L1 curves as a DVC plot. The FVD family arrives with the evaluation issue.
+Per method (``lfdm``, ``static``, ``oracle``), all against the real test videos (K frames, frame 0 is the
+given image; protocols in docs/results.md):
+
+- ``fvd/<m>``: FVD on Kinetics-400 I3D logits (:mod:`lfdm.metrics.fvd`); ``cfvd/<m>`` and ``sfvd/<m>``:
+  FVD within each label / each subject image, mean over groups (``*_std`` the spread);
+- ``accuracy/<m>``: condition accuracy, the share of videos a motion classifier trained on the real
+  training clips assigns to their label; ``accuracy/real`` is its accuracy on the real test clips, the ceiling;
+- ``fid_mobilenetv2/<m>``: Fréchet distance of MobileNetV2 ImageNet features of frames 1..K-1 (not FID);
+- ``l1/<m>``: mean absolute pixel error per pixel, per frame and per video, frame 0 excluded;
+- ``flow_cosine``: cosine between the mean latent displacement trajectories of generated and real flow;
+- ``fvd_seen/lfdm`` vs ``fvd_unseen/lfdm`` (paper Table 2): FVD of videos generated from training images
+  (``sample.seen_videos`` of them) and from as many test images.
+
+Also written: ``<paths.metrics>/evaluate_table.md`` (the table), per-frame L1 curves and a real | generated
+video grid (DVC plots), all logged to the MLflow run.
 """
 
 from __future__ import annotations
@@ -15,16 +26,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from lfdm import tracking
 from lfdm.config import Params
-from lfdm.data import FlowStore, FrameStore, read_manifest, to_tensor
+from lfdm.data import FlowStore, FrameStore, ManifestRow, read_manifest, to_tensor
 from lfdm.device import resolve_device
+from lfdm.metrics import I3DFeatures, MobileNetFeatures, feature_frechet_distance, grouped_fvd, load_i3d
+from lfdm.metrics.classifier import accuracy, train_classifier
 from lfdm.models.checkpoints import load_lfae
 from lfdm.models.warp import from_diffusion_tensor, identity_grid
 from lfdm.video import write_video
 from lfdm.viz import to_uint8, video_grid
+
+METHODS = ("lfdm", "static", "oracle")
 
 
 def mean_trajectory(x: torch.Tensor) -> torch.Tensor:
@@ -35,41 +51,141 @@ def mean_trajectory(x: torch.Tensor) -> torch.Tensor:
 
 
 def run(p: Params) -> dict[str, float]:
-    device = resolve_device(p.device)
+    device, cfg = resolve_device(p.device), p.evaluate
+    tests = read_manifest(p.paths.manifest, split="test")
+    videos, cosines = collect_videos(p, tests, device)  # uint8 (N, K, 3, H, W) per method and "real"
+    labels, subjects = [r.label for r in tests], [r.subject for r in tests]
+
+    metrics: dict[str, float] = {"test_videos": len(tests), "flow_cosine": float(np.mean(cosines))}
+    real = videos["real"].float() / 255
+    per_frame = {m: (videos[m].float() / 255 - real).abs().mean(dim=(2, 3, 4))[:, 1:] for m in METHODS}
+    for m in METHODS:
+        metrics[f"l1/{m}"] = float(per_frame[m].mean())
+
+    i3d = I3DFeatures(load_i3d().to(device), batch_size=cfg.batch_size)
+    video_features = {name: i3d(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False)) for name, v in videos.items()}
+    mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)
+    frame_features = {name: mobilenet(v[:, 1:].flatten(0, 1)) for name, v in videos.items()}
+    for m in METHODS:
+        metrics[f"fvd/{m}"] = feature_frechet_distance(video_features["real"], video_features[m])
+        for key, groups in (("cfvd", labels), ("sfvd", subjects)):
+            keep = _in_groups_of_two(groups)  # a covariance needs two videos; tiny test sets lack them
+            if keep.any():
+                groups = np.asarray(groups)[keep]
+                mean, std = grouped_fvd(video_features["real"][keep], video_features[m][keep], groups, groups)
+                metrics[f"{key}/{m}"], metrics[f"{key}_std/{m}"] = mean, std
+        metrics[f"fid_mobilenetv2/{m}"] = feature_frechet_distance(frame_features["real"], frame_features[m])
+
+    # Table 2: the same FVD on training images (seen) and on as many test images (unseen)
+    generated_ids = {row.source for row in read_manifest(Path(p.paths.samples) / "manifest.parquet")}
+    train = read_manifest(p.paths.manifest, split="train")
+    seen = [r for r in train if r.video_id in generated_ids]
+    if len(seen) >= 2:
+        seen_videos, _ = collect_videos(p, seen, device)
+        unseen = np.linspace(0, len(tests) - 1, min(len(seen), len(tests))).round().astype(int)
+        metrics["fvd_seen/lfdm"] = feature_frechet_distance(i3d(seen_videos["real"]), i3d(seen_videos["lfdm"]))
+        metrics["fvd_unseen/lfdm"] = feature_frechet_distance(
+            video_features["real"][unseen], video_features["lfdm"][unseen]
+        )
+        metrics["seen_videos"] = len(seen)
+
+    real_frames = FrameStore(p.paths.frames)
+    train_videos = torch.stack([_frames(real_frames, r) for r in train])
+    classifier, classes = train_classifier(
+        _downsized(train_videos, cfg.classifier_size), [r.label for r in train],
+        steps=cfg.classifier_steps, seed=p.seed, device=device,
+    )
+    for name, v in videos.items():
+        metrics[f"accuracy/{name}"] = accuracy(classifier, classes, _downsized(v, cfg.classifier_size), labels)
+
+    write_outputs(p, metrics, per_frame, videos)
+    return metrics
+
+
+def collect_videos(
+    p: Params, rows: list[ManifestRow], device: torch.device
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Real, generated, static and oracle videos of the clips ``rows`` as uint8 ``(N, K, 3, H, W)``, and
+    the cosines between generated and real flow trajectories."""
     lfae, _ = load_lfae(p.paths.lfae, device)
     samples_dir = Path(p.paths.samples)
     real, generated = FrameStore(p.paths.frames), FrameStore(samples_dir / "frames.zarr")
     real_flows, generated_flows = FlowStore(p.paths.flows), FlowStore(samples_dir / "flows.zarr")
     sample_of = {row.source: row for row in read_manifest(samples_dir / "manifest.parquet") if row.source == row.video_id}
-    per_frame: dict[str, list[np.ndarray]] = {"lfdm": [], "static": [], "oracle": []}
-    cosines, grid_videos = [], []
+    videos: dict[str, list[torch.Tensor]] = {"real": [], **{m: [] for m in METHODS}}
+    cosines = []
     with torch.inference_mode():
-        for row in tqdm(read_manifest(p.paths.manifest, split="test"), desc="evaluate", unit="clip"):
-            truth = to_tensor(real.read(row.video_id, row.frame_indices)).to(device)  # (K, 3, H, W)
-            fake = to_tensor(generated.read(sample_of[row.video_id].video_id)).to(device)
+        for row in tqdm(rows, desc="evaluate: oracle", unit="clip"):
+            truth = _frames(real, row)
             flow, _ = real_flows.read(row.video_id)
             grid, occlusion = from_diffusion_tensor(torch.from_numpy(flow)[None].to(device))
-            features = lfae.encode(truth[:1])
-            oracle = lfae.decode(features, truth[:1], grid[0], occlusion[0])
-            for name, video in (("lfdm", fake), ("static", truth[:1].expand_as(truth)), ("oracle", oracle)):
-                per_frame[name].append((video - truth).abs().mean(dim=(1, 2, 3))[1:].cpu().numpy())
-            generated_flow, _ = generated_flows.read(sample_of[row.video_id].video_id)
-            cosines.append(torch.nn.functional.cosine_similarity(
+            x0 = truth[:1].to(device).float() / 255
+            oracle = lfae.decode(lfae.encode(x0), x0, grid[0], occlusion[0])
+            generated_id = sample_of[row.video_id].video_id
+            videos["real"].append(truth)
+            videos["lfdm"].append(_frames(generated, generated_id))
+            videos["static"].append(truth[:1].expand_as(truth))
+            videos["oracle"].append(torch.from_numpy(to_uint8(oracle)).permute(0, 3, 1, 2))
+            generated_flow, _ = generated_flows.read(generated_id)
+            cosines.append(F.cosine_similarity(
                 mean_trajectory(torch.from_numpy(generated_flow)), mean_trajectory(torch.from_numpy(flow)), dim=0
             ).item())
-            if len(grid_videos) < p.evaluate.max_grid_videos:
-                grid_videos.append(np.concatenate([to_uint8(truth), to_uint8(fake)], axis=2))  # real | generated
+    return {name: torch.stack(v) for name, v in videos.items()}, cosines
 
-    curves = {name: np.stack(values).mean(axis=0) for name, values in per_frame.items()}
-    metrics = {f"l1/{name}": float(curve.mean()) for name, curve in curves.items()}
-    metrics |= {"flow_cosine": float(np.mean(cosines)), "test_videos": len(cosines)}
-    plot = Path(p.paths.plots) / "evaluate_l1_per_frame.json"
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    plot.write_text(json.dumps([
-        {"frame": i + 1, **{name: float(curve[i]) for name, curve in curves.items()}}
-        for i in range(len(curves["lfdm"]))
-    ], indent=1))
-    grid_path = Path(p.paths.plots) / "real_vs_generated.gif"
-    write_video(grid_path, video_grid(grid_videos, columns=2, scale=2), fps=p.sample.fps)
+
+def _in_groups_of_two(groups: list[str]) -> np.ndarray:
+    values, counts = np.unique(groups, return_counts=True)
+    return np.isin(groups, values[counts >= 2])
+
+
+def _frames(store: FrameStore, row: ManifestRow | str) -> torch.Tensor:
+    """A clip's K frames (a manifest row) or a whole stored video (an id) as uint8 ``(K, 3, H, W)``."""
+    frames = store.read(row) if isinstance(row, str) else store.read(row.video_id, row.frame_indices)
+    return torch.from_numpy(frames).permute(0, 3, 1, 2)
+
+
+def _downsized(videos: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``(N, K, 3, H, W)`` → float ``(N, K, 3, size, size)`` in [0, 1] (antialiased)."""
+    x = videos.flatten(0, 1).float() / 255
+    if x.shape[-1] != size:
+        x = F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return x.unflatten(0, videos.shape[:2])
+
+
+def write_outputs(p: Params, metrics: dict[str, float], per_frame: dict[str, torch.Tensor], videos: dict) -> None:
+    plots, metrics_dir = Path(p.paths.plots), Path(p.paths.metrics)
+    plots.mkdir(parents=True, exist_ok=True)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    curves = {m: per_frame[m].mean(dim=0).tolist() for m in METHODS}
+    (plots / "evaluate_l1_per_frame.json").write_text(json.dumps(
+        [{"frame": i + 1, **{m: curves[m][i] for m in METHODS}} for i in range(len(curves["lfdm"]))], indent=1
+    ))
+    table = metrics_dir / "evaluate_table.md"
+    table.write_text(results_table(metrics))
+    tracking.log_file(table)
+    grid = [np.concatenate([to_uint8(r), to_uint8(g)], axis=2)  # real | generated, side by side
+            for r, g in zip(videos["real"][: p.evaluate.max_grid_videos], videos["lfdm"], strict=False)]
+    grid_path = plots / "real_vs_generated.gif"
+    write_video(grid_path, video_grid(grid, columns=2, scale=2), fps=p.sample.fps)
     tracking.log_file(grid_path)
-    return metrics
+
+
+def results_table(metrics: dict[str, float]) -> str:
+    """The evaluate metrics as a Markdown table, one row per method."""
+    def grouped(key: str, m: str) -> str:
+        return f"{metrics[f'{key}/{m}']:.1f} ± {metrics[f'{key}_std/{m}']:.1f}" if f"{key}/{m}" in metrics else "n/a"
+
+    rows = ["| method | FVD ↓ | cFVD ↓ | sFVD ↓ | accuracy ↑ | fid_mobilenetv2 ↓ | L1 ↓ |", "|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        rows.append(
+            f"| {m} | {metrics[f'fvd/{m}']:.1f} | {grouped('cfvd', m)} | {grouped('sfvd', m)} "
+            f"| {metrics[f'accuracy/{m}']:.3f} | {metrics[f'fid_mobilenetv2/{m}']:.2f} | {metrics[f'l1/{m}']:.4f} |"
+        )
+    rows.append(f"| real (ceiling) | 0 | 0 | 0 | {metrics['accuracy/real']:.3f} | 0 | 0 |")
+    notes = [f"{metrics['test_videos']} test videos; flow cosine (lfdm vs real) {metrics['flow_cosine']:.3f}."]
+    if "seen_videos" in metrics:
+        notes.append(
+            f"Seen vs unseen images ({metrics['seen_videos']} videos each): FVD {metrics['fvd_seen/lfdm']:.1f} "
+            f"on training images, {metrics['fvd_unseen/lfdm']:.1f} on test images."
+        )
+    return "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"

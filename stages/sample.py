@@ -1,5 +1,6 @@
 """sample: every test clip's first frame × its own label (plus, for a few test images, each free-text
-prompt in ``sample.extra_labels``) → a generated video and its latent flow.
+prompt in ``sample.extra_labels``, and ``sample.seen_videos`` training clips for the seen-vs-unseen
+comparison) → a generated video and its latent flow.
 
 Writes ``<paths.samples>/frames.zarr`` (videos, same layout as the preprocess frame store),
 ``flows.zarr`` (generated flow sequences), ``manifest.parquet`` (one row per sample; ``source`` is the
@@ -8,6 +9,7 @@ real clip it starts from) and a gif per sample."""
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import torch
@@ -38,7 +40,9 @@ MAX_LOGGED_GIFS = 8  # sample gifs attached to the MLflow run (all of them stay 
 def plan(p: Params) -> list[ManifestRow]:
     """What to generate: one row per sample, ``source`` = the real test clip whose x0 is used."""
     tests = read_manifest(p.paths.manifest, split="test")
-    rows = [_sample_row(real, real.label, real.video_id) for real in tests]
+    train, n = read_manifest(p.paths.manifest, split="train"), p.sample.seen_videos
+    seen = train[:: max(1, len(train) // n)][:n] if n else []  # spread over subjects and labels
+    rows = [_sample_row(real, real.label, real.video_id) for real in tests + seen]
     firsts = list({real.subject: real for real in tests}.values())[: p.sample.extra_label_videos]
     for real, (i, prompt) in itertools.product(firsts, enumerate(p.sample.extra_labels)):
         rows.append(_sample_row(real, prompt, f"{real.subject}__prompt{i}"))
@@ -47,7 +51,7 @@ def plan(p: Params) -> list[ManifestRow]:
 
 def _sample_row(real: ManifestRow, label: str, sample_id: str) -> ManifestRow:
     return ManifestRow(
-        video_id=sample_id, label=label, subject=real.subject, split="test",
+        video_id=sample_id, label=label, subject=real.subject, split=real.split,
         num_frames=len(real.frame_indices), source=real.video_id, frame_indices=tuple(range(len(real.frame_indices))),
     )
 
@@ -65,12 +69,14 @@ def run(p: Params) -> dict[str, float]:
     ))
     rows = plan(p)
     generator = torch.Generator(device).manual_seed(p.sample.seed)
-    gifs = []
+    gifs, seconds = [], 0.0
     with tqdm(total=len(rows), desc=f"sample ({p.sample.sampler}-{p.sample.steps})", unit="video") as bar:
         for batch in batched(rows, p.sample.batch_size):
             x0 = torch.stack([to_tensor(real_frames.read(r.source, r.frame_indices[:1]))[0] for r in batch])
+            start = time.perf_counter()
             gen = pipe(x0, [r.label for r in batch], p.sample, generator=generator)
-            frames = to_uint8(gen.videos)
+            frames = to_uint8(gen.videos)  # on the CPU: the GPU work is done
+            seconds += time.perf_counter() - start
             sequences = to_diffusion_tensor(gen.flow, gen.occlusion).cpu().numpy()
             for row, video, seq, z0 in zip(batch, frames, sequences, gen.z0.cpu().numpy(), strict=True):
                 videos.write(row.video_id, video)
@@ -83,4 +89,4 @@ def run(p: Params) -> dict[str, float]:
     for gif in gifs[:MAX_LOGGED_GIFS]:
         tracking.log_file(gif, "samples")
     tracking.log_image(flow_strip(gen.flow[-1]), f"flow_{row.video_id}.png")  # the last sample's K flows
-    return {"videos": len(rows), "prompts": len(p.sample.extra_labels)}
+    return {"videos": len(rows), "prompts": len(p.sample.extra_labels), "seconds_per_video": seconds / len(rows)}

@@ -32,8 +32,9 @@ TINY = {
     "dm": {"unet": {"dim": 8, "dim_mults": [1, 2], "resnet_groups": 4, "attn_heads": 2, "attn_dim_head": 8},
            "diffusion": {"timesteps": 50}},
     "train_dm": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1},
-    "sample": {"steps": 2, "extra_labels": ["zoom in slowly"], "extra_label_videos": 1, "batch_size": 4},
-    "evaluate": {"max_grid_videos": 2},
+    "sample": {"steps": 2, "extra_labels": ["zoom in slowly"], "extra_label_videos": 1, "batch_size": 4,
+               "seen_videos": 2},
+    "evaluate": {"max_grid_videos": 2, "classifier_steps": 5},
 }
 
 

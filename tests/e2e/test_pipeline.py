@@ -49,7 +49,11 @@ def assert_pipeline_outputs(project: Path) -> None:
         metrics = json.loads((project / p.paths.metrics / f"{stage}.json").read_text())
         assert metrics and all(isinstance(v, (int, float)) for v in metrics.values()), stage
     evaluate = json.loads((project / p.paths.metrics / "evaluate.json").read_text())
-    assert {"l1/lfdm", "l1/static", "l1/oracle", "flow_cosine"} <= set(evaluate)
+    for method in ("lfdm", "static", "oracle"):
+        assert {f"l1/{method}", f"fvd/{method}", f"sfvd/{method}", f"accuracy/{method}", f"fid_mobilenetv2/{method}"} <= set(evaluate)
+    assert {"accuracy/real", "flow_cosine", "fvd_seen/lfdm", "fvd_unseen/lfdm"} <= set(evaluate)
+    assert evaluate["seen_videos"] == 2 and evaluate["fvd/static"] > 0
+    assert "| lfdm |" in (project / p.paths.metrics / "evaluate_table.md").read_text()
     for plot in ("train_lfae.tsv", "train_dm.tsv", "evaluate_l1_per_frame.json", "real_vs_generated.gif"):
         assert (project / p.paths.plots / plot).is_file(), plot
 
