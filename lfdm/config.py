@@ -117,6 +117,8 @@ class PerceptualConfig(Section):
 
 
 class TrainLFAEConfig(Section):
+    # an LFAE checkpoint to start from (its lfae section must equal ours); null trains from scratch
+    init: str | None = None
     steps: int = Field(400, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -160,6 +162,8 @@ class UNetConfig(Section):
 class DiffusionConfig(Section):
     timesteps: int = Field(1000, ge=2)
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"  # cosine
+    # what the U-Net predicts: ε (paper, Eq. 7) or v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho), diffusers' names
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
     null_prob: float = Field(0.1, ge=0, le=1)  # null-condition dropout (classifier-free guidance training)
     threshold_percentile: float = Field(0.9, gt=0, le=1)  # dynamic thresholding (Imagen); 1.0 = off
 

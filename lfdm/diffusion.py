@@ -1,7 +1,8 @@
 """Stage two: Gaussian diffusion over latent flow (paper Sec. 3.1, 3.2.2, 4.2).
 
 The diffused tensor ``x0 (B, 3, K, H, W)`` is the flow grid plus occlusion (``lfdm.models.warp``). Training is
-ε-prediction with an L2 loss (Eq. 7) and null-condition dropout; sampling runs one of diffusers' schedulers
+ε-prediction with an L2 loss (Eq. 7; ``prediction: v_prediction`` regresses v = √ᾱ ε − √(1−ᾱ) x0 instead,
+Salimans & Ho 2022) and null-condition dropout; sampling runs one of diffusers' schedulers
 with classifier-free guidance (Eq. 4) and Imagen's dynamic thresholding of x̂0, as the official code does.
 Schedule math lives in diffusers; this module owns the loss and the sampling loop.
 """
@@ -52,7 +53,7 @@ def make_scheduler(sampler: SamplerConfig, cfg: DiffusionConfig) -> SchedulerMix
     common: dict[str, Any] = {
         "num_train_timesteps": cfg.timesteps,
         "beta_schedule": cfg.beta_schedule,
-        "prediction_type": "epsilon",
+        "prediction_type": cfg.prediction,
         "thresholding": cfg.threshold_percentile < 1,
         "dynamic_thresholding_ratio": cfg.threshold_percentile,
         # diffusers takes s = clamp(quantile_p(|x̂0|), 1, sample_max_value), then x̂0 = clamp(x̂0, −s, s) / s
@@ -92,7 +93,7 @@ class FlowDiffusion(nn.Module):
         self.scheduler = DDPMScheduler(
             num_train_timesteps=cfg.timesteps,
             beta_schedule=cfg.beta_schedule,
-            prediction_type="epsilon",
+            prediction_type=cfg.prediction,
             clip_sample=False,
         )
         # a buffer, so ᾱ follows .to(device) and the loss never copies the table per step
@@ -100,7 +101,7 @@ class FlowDiffusion(nn.Module):
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x0): ``x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε`` for ``x0, noise (B, ...)`` and ``t (B,)`` long."""
-        a = self.alphas_cumprod[t].to(x0.dtype).view(-1, *(1,) * (x0.ndim - 1))
+        a = self._alpha_bar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def loss(
@@ -110,7 +111,7 @@ class FlowDiffusion(nn.Module):
         text_emb: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Eq. 7: ``‖ε − ε_θ(x_t, t, z0, y)‖²`` averaged, for ``x0 (B, 3, K, H, W)``, ``cond (B, Cz, H, W)``,
+        """Eq. 7: ``‖ε − ε_θ(x_t, t, z0, y)‖²`` averaged (v in place of ε for v-prediction), for ``x0 (B, 3, K, H, W)``, ``cond (B, Cz, H, W)``,
         ``text_emb (B, D)``. Each row's text is dropped to the null embedding with prob ``cfg.null_prob``.
         ``generator`` (on ``x0``'s device) makes t, ε and the dropout reproducible."""
         b, device = x0.shape[0], x0.device
@@ -118,7 +119,17 @@ class FlowDiffusion(nn.Module):
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         drop = torch.rand(b, generator=generator, device=device) < self.cfg.null_prob
         pred = self.denoiser(self.add_noise(x0, noise, t), t, cond, text_emb, drop)
-        return F.mse_loss(pred.float(), noise.float())
+        target = noise if self.cfg.prediction == "epsilon" else self.velocity(x0, noise, t)
+        return F.mse_loss(pred.float(), target.float())
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = √ᾱ_t ε − √(1−ᾱ_t) x0, the v-prediction target."""
+        a = self._alpha_bar(t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t ``(B,)`` shaped to broadcast over ``like (B, ...)``."""
+        return self.alphas_cumprod[t].to(like.dtype).view(-1, *(1,) * (like.ndim - 1))
 
     forward = loss  # so DistributedDataParallel, which hooks forward, can wrap this module
 
@@ -158,9 +169,9 @@ class FlowDiffusion(nn.Module):
         timesteps = scheduler.timesteps
         steps = tqdm(timesteps, desc="sampling", disable=not progress)
         for t, t_dev in zip(steps, timesteps.to(cond.device)):
-            eps = self.denoiser(x.repeat(n, 1, 1, 1, 1), t_dev.expand(n * b), cond_in, text_in, drop)
-            if n == 2:
-                eps_cond, eps_null = eps.chunk(2)
-                eps = eps_null + g * (eps_cond - eps_null)
-            x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+            out = self.denoiser(x.repeat(n, 1, 1, 1, 1), t_dev.expand(n * b), cond_in, text_in, drop)
+            if n == 2:  # guidance is linear in x_t, so it combines ε and v predictions alike
+                out_cond, out_null = out.chunk(2)
+                out = out_null + g * (out_cond - out_null)
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         return x

@@ -32,16 +32,18 @@ class TinyDenoiser(nn.Module):
 
 
 class PerfectDenoiser(nn.Module):
-    """Knows x0, so it returns the exact ε = (x_t − √ᾱ x0) / √(1−ᾱ) for whatever x_t it is given."""
+    """Knows x0, so it returns the exact ε = (x_t − √ᾱ x0) / √(1−ᾱ) for whatever x_t it is given, or the
+    exact v = √ᾱ ε − √(1−ᾱ) x0."""
 
-    def __init__(self, x0: torch.Tensor, alphas_cumprod: torch.Tensor) -> None:
+    def __init__(self, x0: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str = "epsilon") -> None:
         super().__init__()
-        self.x0, self.alphas_cumprod = x0, alphas_cumprod
+        self.x0, self.alphas_cumprod, self.prediction = x0, alphas_cumprod, prediction
 
     def forward(self, x, t, cond, text_emb, drop_text=None):
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
         x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1, 1)
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if self.prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
 
 
 class ZeroDenoiser(nn.Module):
@@ -72,7 +74,7 @@ def seeded(seed: int) -> torch.Generator:
 
 def perfect_diffusion(x0: torch.Tensor, cfg: DiffusionConfig) -> FlowDiffusion:
     diffusion = FlowDiffusion(nn.Identity(), cfg)
-    diffusion.denoiser = PerfectDenoiser(x0, diffusion.alphas_cumprod)
+    diffusion.denoiser = PerfectDenoiser(x0, diffusion.alphas_cumprod, cfg.prediction)
     return diffusion
 
 
@@ -118,13 +120,14 @@ def test_add_noise_is_inverted_by_the_true_noise() -> None:
 # ---------------------------------------------------------------------------------------------- loss
 
 
-def test_loss_is_zero_for_a_perfect_predictor_and_one_for_zero() -> None:
-    cfg = DiffusionConfig(timesteps=100)
-    x0 = torch.rand(8, 3, 4, 8, 8) * 2 - 1
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_loss_is_zero_for_a_perfect_predictor_and_one_for_zero(prediction: str) -> None:
+    cfg = DiffusionConfig(timesteps=100, prediction=prediction)
+    x0 = torch.randn(8, 3, 4, 8, 8)  # unit variance: E[v²] = ᾱ + (1 − ᾱ) = 1 as E[ε²] = 1
     cond, text = inputs(8, 8, 8)
     assert perfect_diffusion(x0, cfg).loss(x0, cond, text) < 1e-8
     zero = FlowDiffusion(ZeroDenoiser(), cfg)
-    assert abs(zero.loss(x0, cond, text).item() - 1) < 0.1  # E[ε²] = 1
+    assert abs(zero.loss(x0, cond, text).item() - 1) < 0.1
 
 
 def test_loss_is_finite_and_backpropagates() -> None:
@@ -172,11 +175,12 @@ def test_samplers_return_finite_flow_of_the_right_shape(kind: str) -> None:
     assert len(recorder.calls) == (20 if kind == "ddpm" else 4)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("kind", SAMPLERS)
-def test_perfect_predictor_is_sampled_back_to_x0(kind: str) -> None:
+def test_perfect_predictor_is_sampled_back_to_x0(kind: str, prediction: str) -> None:
     x0 = torch.rand(2, 3, 3, 6, 5) * 1.8 - 0.9  # inside [-1, 1]: dynamic thresholding is a no-op
     cond, text = inputs(2, 6, 5)
-    out = perfect_diffusion(x0, DiffusionConfig(timesteps=100)).sample(
+    out = perfect_diffusion(x0, DiffusionConfig(timesteps=100, prediction=prediction)).sample(
         cond, text, num_frames=3, sampler=SamplerConfig(sampler=kind, steps=10)
     )
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
