@@ -1,6 +1,7 @@
 """train_lfae: stage one — the latent flow auto-encoder on (reference, driving) frame pairs.
 
-Loss: perceptual pyramid + equivariance (MRAA), Adam with MultiStep decay. Resumes from
+Loss: perceptual pyramid + equivariance (MRAA), Adam with MultiStep decay. Starts from the weights of
+``train_lfae.init`` when set (a warm start, as the official code starts from pretrained MRAA). Resumes from
 ``<paths.checkpoints>/train_lfae.pt`` when re-run after an interruption with the same params.
 """
 
@@ -17,7 +18,7 @@ from lfdm.config import Params
 from lfdm.data import FramePairDataset, FrameStore, read_manifest
 from lfdm.device import autocast, resolve_device
 from lfdm.losses import PerceptualLoss, lfae_loss
-from lfdm.models.checkpoints import save_lfae
+from lfdm.models.checkpoints import init_lfae, save_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.training import TrainingState, forever, multistep_schedule, seed_everything
 from lfdm.viz import reconstruction_strip
@@ -31,7 +32,10 @@ def run(p: Params) -> dict[str, float]:
         pairs, batch_size=cfg.batch_size, shuffle=True, drop_last=len(pairs) >= cfg.batch_size,
         num_workers=cfg.num_workers, generator=generator, persistent_workers=cfg.num_workers > 0,
     )
-    model = LatentFlowAutoEncoder(p.lfae).to(device)
+    model = LatentFlowAutoEncoder(p.lfae)
+    if cfg.init:
+        init_lfae(model, cfg.init, p.data.image_size)
+    model = model.to(device)
     perceptual = PerceptualLoss(cfg.perceptual).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     schedule = multistep_schedule(optimizer, cfg.steps, cfg.milestones, cfg.gamma)

@@ -36,6 +36,23 @@ def sampling_lfae_path(p: Params) -> Path:
     return finetuned_lfae_path(p) if p.sample.decoder == "finetuned" else Path(p.paths.lfae)
 
 
+def init_lfae(model: LatentFlowAutoEncoder, path: str | Path, image_size: int) -> int:
+    """Load the weights of the LFAE checkpoint ``path`` into ``model`` (warm start); returns its step.
+
+    The checkpoint must have been built with the same ``lfae`` config and frame size: the error names
+    every key that differs."""
+    ckpt = load_checkpoint(path)
+    theirs, ours = ckpt.get("config", {}), model.cfg.model_dump(mode="json")
+    differ = {key: (theirs.get(key), value) for key, value in ours.items() if theirs.get(key) != value}
+    if ckpt.get("image_size") != image_size:
+        differ["data.image_size"] = (ckpt.get("image_size"), image_size)
+    if differ:
+        listed = ", ".join(f"{k} (checkpoint {a!r}, params {b!r})" for k, (a, b) in differ.items())
+        raise ValueError(f"train_lfae.init {path} was built with other settings: {listed}")
+    model.load_state_dict(ckpt["model"])
+    return int(ckpt.get("step", 0))
+
+
 def save_dm(
     path: str | Path, diffusion: FlowDiffusion, cfg: DMConfig, *, cond_channels: int, text_dim: int,
     num_frames: int, latent_size: int, step: int,

@@ -5,7 +5,7 @@ from test_overfit import TINY_LFAE
 from lfdm.checkpoint import load_checkpoint, save_checkpoint
 from lfdm.config import DMConfig, UNetConfig
 from lfdm.diffusion import FlowDiffusion
-from lfdm.models.checkpoints import load_dm, load_lfae, save_dm, save_lfae
+from lfdm.models.checkpoints import init_lfae, load_dm, load_lfae, save_dm, save_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
 
@@ -18,6 +18,20 @@ def test_lfae_round_trip_rebuilds_the_model_from_its_config(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x, x.flip(0))["prediction"], loaded(x, x.flip(0))["prediction"])
+
+
+def test_lfae_warm_start_loads_matching_weights_and_names_what_differs(tmp_path):
+    trained = LatentFlowAutoEncoder(TINY_LFAE)
+    save_lfae(tmp_path / "lfae.pt", trained, TINY_LFAE, image_size=32, step=2000)
+    fresh = LatentFlowAutoEncoder(TINY_LFAE)
+    assert init_lfae(fresh, tmp_path / "lfae.pt", image_size=32) == 2000
+    for a, b in zip(trained.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    wider = LatentFlowAutoEncoder(TINY_LFAE.model_copy(update={"base_channels": 16}))
+    with pytest.raises(ValueError, match=r"lfae.pt was built with other settings: base_channels \(checkpoint 8"):
+        init_lfae(wider, tmp_path / "lfae.pt", image_size=32)
+    with pytest.raises(ValueError, match=r"data.image_size \(checkpoint 32, params 64\)"):
+        init_lfae(fresh, tmp_path / "lfae.pt", image_size=64)
 
 
 def test_dm_round_trip(tmp_path):
