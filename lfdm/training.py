@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lfdm import tracking
+from lfdm import distributed, tracking
 from lfdm.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -30,16 +32,44 @@ def multistep_schedule(
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=steps, gamma=gamma)
 
 
-def forever(loader: Iterable) -> Iterator:
-    """Cycle a DataLoader across epochs (reshuffling each pass)."""
-    while True:
+def sharded_loader(
+    dataset: Dataset, batch_size: int, key: str, *, seed: int, num_workers: int, generator: torch.Generator
+) -> DataLoader:
+    """This process's share of every global batch of ``batch_size`` (``key`` names it in errors).
+
+    One seeded permutation per epoch; process r of W takes every W-th index, so step k's batches over all
+    processes are exactly the single-process batch k. Workers are not persistent: a fresh copy of the
+    dataset each epoch is how ``set_epoch`` (see :func:`forever`) reaches them.
+    """
+    local = distributed.local_batch(batch_size, key)
+    sampler = DistributedSampler(
+        dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=True, seed=seed
+    )
+    # a share smaller than one batch still trains (one short batch per epoch) instead of yielding nothing
+    return DataLoader(
+        dataset, batch_size=local, sampler=sampler, drop_last=len(sampler) >= local,
+        num_workers=num_workers, generator=generator,
+    )
+
+
+def forever(loader: DataLoader) -> Iterator:
+    """Cycle a DataLoader across epochs, telling its sampler and dataset the epoch (those with
+    ``set_epoch``) so each pass reshuffles and redraws, the same way on every process."""
+    for epoch in itertools.count():
+        for part in (loader.sampler, loader.dataset):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
         yield from loader
 
 
 class TrainingState:
     """Model + optimizer + LR schedule + step + logged history, saved atomically while training and
     resumed after an interruption when the config matches (the history comes back too, so loss curves
-    survive). A finished run removes it (:meth:`finish`): re-running a stage trains afresh."""
+    survive). A finished run removes it (:meth:`finish`): re-running a stage trains afresh.
+
+    ``model`` is the bare module, never its DistributedDataParallel wrapper, so the saved weights load in
+    one process. With several processes only rank 0 reads and writes files; the others get its state.
+    """
 
     def __init__(
         self,
@@ -56,18 +86,20 @@ class TrainingState:
 
     def resume(self) -> bool:
         """Load the last state if it was written by the same config; a different config starts fresh."""
-        if not self.path.is_file():
+        state = distributed.broadcast(
+            load_checkpoint(self.path) if distributed.is_main() and self.path.is_file() else None
+        )
+        if state is None:
             return False
-        state = load_checkpoint(self.path)
         if state.get("config") != self.config:
-            print(f"{self.path}: written with other params, starting from step 0")
+            _say(f"{self.path}: written with other params, starting from step 0")
             return False
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step = int(state["step"])
         self.history = list(state["history"])
-        print(f"{self.path}: resumed at step {self.step}")
+        _say(f"{self.path}: resumed at step {self.step}")
         return True
 
     def log(self, values: Mapping[str, float]) -> None:
@@ -77,6 +109,8 @@ class TrainingState:
 
     def write_plot(self, path: str | Path) -> None:
         """The history as a TSV that ``dvc plots`` reads (x = step)."""
+        if not distributed.is_main():
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = list(dict.fromkeys(k for row in self.history for k in row))
@@ -84,9 +118,12 @@ class TrainingState:
         path.write_text("\n".join(lines) + "\n")
 
     def finish(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if distributed.is_main():
+            self.path.unlink(missing_ok=True)
 
     def save(self) -> None:
+        if not distributed.is_main():
+            return
         save_checkpoint(
             self.path,
             model=self.model.state_dict(),
@@ -96,3 +133,8 @@ class TrainingState:
             config=self.config,
             history=self.history,
         )
+
+
+def _say(message: str) -> None:
+    if distributed.is_main():
+        print(message)

@@ -4,11 +4,18 @@ and the Prefect flow call, so no stage logic exists twice."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
+from lfdm import distributed
 from lfdm.config import Params
+
+# the stage's MLflow run, opened by the process that launched torchrun, for rank 0 to log into
+RUN_ENV = "LFDM_MLFLOW_RUN_ID"
 
 # stage → the params.yaml sections it reads (dvc.yaml's `params:` lists the same; a test checks it)
 STAGES: dict[str, tuple[str, ...]] = {
@@ -24,27 +31,50 @@ STAGES: dict[str, tuple[str, ...]] = {
 
 
 def execute(name: str, params: Params) -> dict[str, float]:
-    """Run one stage with tracking, write ``<paths.metrics>/<name>.json``, return its metrics."""
+    """Run one stage with tracking, write ``<paths.metrics>/<name>.json``, return its metrics.
+
+    A training stage whose ``nproc`` is above 1 re-runs itself under torchrun (unless it already runs
+    under it): this process opens the MLflow run, rank 0 logs into it and writes the metrics file."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-    run = importlib.import_module(f"stages.{name}").run
-    if params.tracking.enabled:
-        import mlflow
-
-        from lfdm import tracking
-
-        tracking.configure(params.tracking.uri, params.tracking.experiment)
-        tree = params.model_dump(mode="json")
-        section = {key: _lookup(tree, key) for key in STAGES[name]}
-        with tracking.stage_run(name, tree, section):
-            metrics = run(params)
-            mlflow.log_metrics(metrics)
-    else:
-        metrics = run(params)
     out = Path(params.paths.metrics) / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    nproc = getattr(getattr(params, name, None), "nproc", 1)  # only training stages have one
+    if nproc > 1 and not distributed.under_torchrun():
+        with _tracked(name, params) as run_id:
+            distributed.launch(name, params, nproc, env={RUN_ENV: run_id} if run_id else None)
+        return json.loads(out.read_text())
+    run = importlib.import_module(f"stages.{name}").run
+    with _tracked(name, params) as run_id:
+        metrics = run(params)
+        if run_id:
+            import mlflow
+
+            mlflow.log_metrics(metrics)
+    if distributed.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
+
+
+@contextlib.contextmanager
+def _tracked(name: str, params: Params) -> Iterator[str | None]:
+    """The stage's MLflow child run, yielding its id; rank 0 under ``launch`` joins the launcher's run.
+    Nothing (None) when tracking is off and on ranks other than 0."""
+    if not params.tracking.enabled or not distributed.is_main():
+        yield None
+        return
+    import mlflow
+
+    from lfdm import tracking
+
+    tracking.configure(params.tracking.uri, params.tracking.experiment)
+    if run_id := os.environ.get(RUN_ENV):
+        with mlflow.start_run(run_id=run_id):
+            yield run_id
+        return
+    tree = params.model_dump(mode="json")
+    with tracking.stage_run(name, tree, {key: _lookup(tree, key) for key in STAGES[name]}) as run_id:
+        yield run_id
 
 
 def _lookup(tree: dict, dotted: str):

@@ -19,7 +19,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lfdm import tracking
@@ -31,7 +30,7 @@ from lfdm.losses import PerceptualLoss
 from lfdm.metrics import MobileNetFeatures, feature_frechet_distance
 from lfdm.models.checkpoints import finetuned_lfae_path, load_lfae, save_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
-from lfdm.training import TrainingState, forever, seed_everything
+from lfdm.training import TrainingState, forever, seed_everything, sharded_loader
 from lfdm.viz import reconstruction_strip
 
 
@@ -58,9 +57,9 @@ def run(p: Params) -> dict[str, float]:
         module.requires_grad_(False)
 
     pairs = FramePairDataset(FrameStore(frames), read_manifest(manifest, split="train"), seed=p.seed)
-    loader = DataLoader(
-        pairs, batch_size=cfg.batch_size, shuffle=True, drop_last=len(pairs) >= cfg.batch_size,
-        num_workers=cfg.num_workers, generator=generator, persistent_workers=cfg.num_workers > 0,
+    loader = sharded_loader(
+        pairs, cfg.batch_size, "finetune_decoder.batch_size", seed=p.seed, num_workers=cfg.num_workers,
+        generator=generator,
     )
     perceptual = PerceptualLoss(p.train_lfae.perceptual).to(device)
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr, betas=cfg.betas)

@@ -10,9 +10,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from lfdm import distributed
 from lfdm.config import Params
 from lfdm.data import FlowSequenceDataset, FlowStore, read_manifest
 from lfdm.device import autocast, resolve_device
@@ -20,18 +20,18 @@ from lfdm.diffusion import FlowDiffusion
 from lfdm.models.checkpoints import save_dm
 from lfdm.models.unet3d import Unet3D
 from lfdm.text import load_embeddings
-from lfdm.training import TrainingState, forever, multistep_schedule, seed_everything
+from lfdm.training import TrainingState, forever, multistep_schedule, seed_everything, sharded_loader
 
 
 def run(p: Params) -> dict[str, float]:
-    cfg, device = p.train_dm, resolve_device(p.device)
-    generator = seed_everything(p.seed)
+    cfg, device = p.train_dm, distributed.init(resolve_device(p.device))
+    generator = seed_everything(p.seed + distributed.rank())  # own noise, t and dropout per process
     embeddings = load_embeddings(p.paths.embeddings)
     attrs = FlowStore(p.paths.flows).attrs
     sequences = FlowSequenceDataset(p.paths.flows, read_manifest(p.paths.manifest, split="train"), embeddings)
-    loader = DataLoader(
-        sequences, batch_size=cfg.batch_size, shuffle=True, drop_last=len(sequences) >= cfg.batch_size,
-        num_workers=cfg.num_workers, generator=generator, persistent_workers=cfg.num_workers > 0,
+    loader = sharded_loader(
+        sequences, cfg.batch_size, "train_dm.batch_size", seed=p.seed, num_workers=cfg.num_workers,
+        generator=generator,
     )
     text_dim = next(iter(embeddings.values())).numel()
     denoiser = Unet3D(
@@ -43,15 +43,17 @@ def run(p: Params) -> dict[str, float]:
     config = p.model_dump(mode="json", include={"seed", "dm", "train_dm"}) | {"flows": asdict(attrs)}
     state = TrainingState(Path(p.paths.checkpoints) / "train_dm.pt", diffusion, optimizer, schedule, config)
     state.resume()
+    parallel = distributed.wrap(diffusion, device)  # its forward is the loss; `diffusion` is what is saved
 
     diffusion.train()
     batches = forever(loader)
-    with tqdm(total=cfg.steps, initial=state.step, desc="train_dm", unit="step") as bar:
+    with tqdm(total=cfg.steps, initial=state.step, desc="train_dm", unit="step",
+              disable=not distributed.is_main()) as bar:
         while state.step < cfg.steps:
             batch = next(batches)
             x0, z0, text = (batch[key].to(device, non_blocking=True) for key in ("x0", "z0", "text"))
             with autocast(device, p.precision):
-                loss = diffusion.loss(x0, z0, text)
+                loss = parallel(x0, z0, text)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -61,15 +63,17 @@ def run(p: Params) -> dict[str, float]:
             state.step += 1
             bar.update()
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                state.log({"loss/diffusion": loss.item(), "lr": schedule.get_last_lr()[0]})
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                logged = distributed.mean({"loss/diffusion": loss}) | {"lr": schedule.get_last_lr()[0]}
+                state.log(logged)
+                bar.set_postfix(loss=f"{logged['loss/diffusion']:.4f}")
             if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
                 state.save()
 
-    save_dm(
-        p.paths.dm, diffusion, p.dm, cond_channels=attrs.latent_channels, text_dim=text_dim,
-        num_frames=attrs.num_frames, latent_size=attrs.latent_size, step=state.step,
-    )
+    if distributed.is_main():
+        save_dm(
+            p.paths.dm, diffusion, p.dm, cond_channels=attrs.latent_channels, text_dim=text_dim,
+            num_frames=attrs.num_frames, latent_size=attrs.latent_size, step=state.step,
+        )
     state.write_plot(Path(p.paths.plots) / "train_dm.tsv")
     state.finish()
     recent = [row["loss/diffusion"] for row in state.history[-5:]]

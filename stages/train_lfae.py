@@ -10,27 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from lfdm import tracking
+from lfdm import distributed, tracking
 from lfdm.config import Params
 from lfdm.data import FramePairDataset, FrameStore, read_manifest
 from lfdm.device import autocast, resolve_device
 from lfdm.losses import PerceptualLoss, lfae_loss
 from lfdm.models.checkpoints import init_lfae, save_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
-from lfdm.training import TrainingState, forever, multistep_schedule, seed_everything
+from lfdm.training import TrainingState, forever, multistep_schedule, seed_everything, sharded_loader
 from lfdm.viz import reconstruction_strip
 
 
 def run(p: Params) -> dict[str, float]:
-    cfg, device = p.train_lfae, resolve_device(p.device)
-    generator = seed_everything(p.seed)
+    cfg, device = p.train_lfae, distributed.init(resolve_device(p.device))
+    generator = seed_everything(p.seed + distributed.rank())  # own random transforms per process
     pairs = FramePairDataset(FrameStore(p.paths.frames), read_manifest(p.paths.manifest, split="train"), seed=p.seed)
-    loader = DataLoader(
-        pairs, batch_size=cfg.batch_size, shuffle=True, drop_last=len(pairs) >= cfg.batch_size,
-        num_workers=cfg.num_workers, generator=generator, persistent_workers=cfg.num_workers > 0,
+    loader = sharded_loader(
+        pairs, cfg.batch_size, "train_lfae.batch_size", seed=p.seed, num_workers=cfg.num_workers,
+        generator=generator,
     )
     model = LatentFlowAutoEncoder(p.lfae)
     if cfg.init:
@@ -42,15 +41,17 @@ def run(p: Params) -> dict[str, float]:
     config = p.model_dump(mode="json", include={"seed", "data", "lfae", "train_lfae"})
     state = TrainingState(Path(p.paths.checkpoints) / "train_lfae.pt", model, optimizer, schedule, config)
     state.resume()
+    parallel = distributed.wrap(model, device)  # the forward pass to train through; `model` is what is saved
 
     model.train()
     batches = forever(loader)
-    with tqdm(total=cfg.steps, initial=state.step, desc="train_lfae", unit="step") as bar:
+    with tqdm(total=cfg.steps, initial=state.step, desc="train_lfae", unit="step",
+              disable=not distributed.is_main()) as bar:
         while state.step < cfg.steps:
             batch = next(batches)
             source, driving = (batch[key].to(device, non_blocking=True) for key in ("source", "driving"))
             with autocast(device, p.precision):
-                out = model(source, driving)
+                out = parallel(source, driving)
                 losses = lfae_loss(
                     out["prediction"], driving, model.flow_predictor.region_predictor,
                     out["driving_regions"], perceptual, cfg.equivariance,
@@ -62,19 +63,25 @@ def run(p: Params) -> dict[str, float]:
             state.step += 1
             bar.update()
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                logged = {f"loss/{k}": v.item() for k, v in losses.items()} | {"lr": schedule.get_last_lr()[0]}
+                logged = {f"loss/{k}": v for k, v in distributed.mean(losses).items()}
+                logged["lr"] = schedule.get_last_lr()[0]
                 state.log(logged)
                 bar.set_postfix(loss=f"{logged['loss/total']:.3f}")
             if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
                 state.save()
 
-    save_lfae(p.paths.lfae, model, p.lfae, image_size=p.data.image_size, step=state.step)
+    if distributed.is_main():
+        save_lfae(p.paths.lfae, model, p.lfae, image_size=p.data.image_size, step=state.step)
+        _log_reconstructions(model, next(batches), device)
     state.write_plot(Path(p.paths.plots) / "train_lfae.tsv")
     state.finish()
+    return {"loss": state.history[-1]["loss/total"], "steps": state.step}
+
+
+def _log_reconstructions(model: LatentFlowAutoEncoder, batch: dict, device: torch.device) -> None:
+    """Source, driving, reconstruction and flow of up to 4 pairs of ``batch`` as an MLflow picture."""
     model.eval()
-    pairs = next(batches)
-    source, driving = (pairs[key][:4].to(device) for key in ("source", "driving"))
+    source, driving = (batch[key][:4].to(device) for key in ("source", "driving"))
     with torch.no_grad():
         out = model(source, driving)
     tracking.log_image(reconstruction_strip(source, driving, out["prediction"], out["flow"]), "reconstructions.png")
-    return {"loss": state.history[-1]["loss/total"], "steps": state.step}
