@@ -163,8 +163,8 @@ def write_outputs(p: Params, metrics: dict[str, float], per_frame: dict[str, tor
     table = metrics_dir / "evaluate_table.md"
     table.write_text(results_table(metrics))
     tracking.log_file(table)
-    grid = [np.concatenate([to_uint8(r), to_uint8(g)], axis=2)  # real | generated, side by side
-            for r, g in zip(videos["real"][: p.evaluate.max_grid_videos], videos["lfdm"], strict=False)]
+    pairs = torch.cat((videos["real"], videos["lfdm"]), dim=-1)[: p.evaluate.max_grid_videos]  # real | generated
+    grid = list(pairs.permute(0, 1, 3, 4, 2).numpy())  # uint8 (K, H, 2W, 3) each
     grid_path = plots / "real_vs_generated.gif"
     write_video(grid_path, video_grid(grid, columns=2, scale=2), fps=p.sample.fps)
     tracking.log_file(grid_path)

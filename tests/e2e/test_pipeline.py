@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -56,6 +57,9 @@ def assert_pipeline_outputs(project: Path) -> None:
     assert "| lfdm |" in (project / p.paths.metrics / "evaluate_table.md").read_text()
     for plot in ("train_lfae.tsv", "train_dm.tsv", "evaluate_l1_per_frame.json", "real_vs_generated.gif"):
         assert (project / p.paths.plots / plot).is_file(), plot
+    grid = Image.open(project / p.paths.plots / "real_vs_generated.gif")
+    assert grid.n_frames == p.data.num_frames  # the real clips move: every frame differs
+    assert len(set(np.asarray(grid.convert("L")).ravel().tolist())) > 16  # images, not a thresholded mask
 
 
 def first_test_clip(project: Path) -> str:
