@@ -4,7 +4,8 @@ Each task calls ``stages.execute(name, params)`` — the very function ``dvc rep
 DVC stays the source of truth: the stage graph comes from dvc.yaml, a stage whose deps, params and outs
 are unchanged is skipped (``dvc status``), and a stage that ran is recorded in dvc.lock (``dvc commit``),
 so ``dvc repro`` after a Prefect run has nothing to do. Independent stages (``embed_labels`` beside
-``train_lfae`` → ``extract_flow``) run concurrently.
+``train_lfae`` → ``extract_flow``) run concurrently. With ``parallel.dask`` the clip-by-clip stages run
+their shards on a Dask cluster (:mod:`flows.dask_shards`).
 """
 
 from __future__ import annotations
@@ -19,19 +20,22 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
 from flows import dvc_state
+from flows.dask_shards import dask_map_shards
 from lfdm.config import load_params
-from stages import STAGES, execute
+from stages import SHARDED, STAGES, execute
 
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def run_stage(name: str, params_path: str, force: bool) -> dict[str, float]:
     """One DVC stage; a retry resumes training stages from their last checkpoint."""
-    metrics_file = Path(load_params(params_path).paths.metrics) / f"{name}.json"
+    params = load_params(params_path)
+    metrics_file = Path(params.paths.metrics) / f"{name}.json"
     if not force and metrics_file.is_file() and dvc_state.is_up_to_date(name):
         print(f"{name}: up to date (dvc status), skipped")
         return json.loads(metrics_file.read_text())
+    map_shards = dask_map_shards(params.parallel, name) if params.parallel.dask and name in SHARDED else None
     try:
-        metrics = execute(name, load_params(params_path))
+        metrics = execute(name, params, map_shards)
     except Exception as err:
         raise RuntimeError(f"stage {name!r} failed: {type(err).__name__}: {err}") from err
     dvc_state.record(name)

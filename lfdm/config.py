@@ -266,6 +266,16 @@ class TrackingConfig(Section):
     experiment: str = "lfdm"
 
 
+class ParallelConfig(Section):
+    """How the Prefect flow spreads the clip-by-clip stages (extract_flow, sample, evaluate) over Dask
+    (docs/scaling.md). Their outputs do not depend on it, so it is no DVC param of theirs."""
+
+    dask: bool = False  # true: each of those stages runs its shards as Prefect tasks on a Dask task runner
+    shards: int = Field(4, ge=1)  # pieces per stage, each of whole batches
+    address: str | None = None  # scheduler of an existing Dask cluster (tcp://host:8786); None: a local one
+    workers: int = Field(2, ge=1)  # local cluster: worker processes
+    threads_per_worker: int = Field(1, ge=1)  # local cluster: threads (and torch threads) per worker
+
 
 class Params(Section):
     seed: int = 0
@@ -273,6 +283,7 @@ class Params(Section):
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, CUDA only
     paths: PathsConfig = PathsConfig()
     tracking: TrackingConfig = TrackingConfig()
+    parallel: ParallelConfig = ParallelConfig()
     data: DataConfig = DataConfig()
     lfae: LFAEConfig = LFAEConfig()
     train_lfae: TrainLFAEConfig = TrainLFAEConfig()

@@ -5,6 +5,7 @@ and the Prefect flow call, so no stage logic exists twice."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from lfdm import distributed
 from lfdm.config import Params
+from lfdm.parallel import MapShards
 
 # the stage's MLflow run, opened by the process that launched torchrun, for rank 0 to log into
 RUN_ENV = "LFDM_MLFLOW_RUN_ID"
@@ -28,10 +30,15 @@ STAGES: dict[str, tuple[str, ...]] = {
     "sample": ("device", "text", "sample"),
     "evaluate": ("seed", "device", "sample.fps", "evaluate"),
 }
+# stages that work clip by clip: ``run(params, shards, map_shards)`` splits them (lfdm.parallel)
+SHARDED = ("extract_flow", "sample", "evaluate")
 
 
-def execute(name: str, params: Params) -> dict[str, float]:
+def execute(name: str, params: Params, map_shards: MapShards | None = None) -> dict[str, float]:
     """Run one stage with tracking, write ``<paths.metrics>/<name>.json``, return its metrics.
+
+    ``map_shards`` (the Prefect flow's Dask runner) runs a :data:`SHARDED` stage's
+    ``parallel.shards`` shards; without it the stage runs as one piece in this process.
 
     A training stage whose ``nproc`` is above 1 re-runs itself under torchrun (unless it already runs
     under it): this process opens the MLflow run, rank 0 logs into it and writes the metrics file."""
@@ -44,6 +51,8 @@ def execute(name: str, params: Params) -> dict[str, float]:
             distributed.launch(name, params, nproc, env={RUN_ENV: run_id} if run_id else None)
         return json.loads(out.read_text())
     run = importlib.import_module(f"stages.{name}").run
+    if map_shards is not None and name in SHARDED:
+        run = functools.partial(run, shards=params.parallel.shards, map_shards=map_shards)
     with _tracked(name, params) as run_id:
         metrics = run(params)
         if run_id:

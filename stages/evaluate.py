@@ -21,7 +21,9 @@ video grid (DVC plots), all logged to the MLflow run.
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +33,13 @@ from tqdm import tqdm
 
 from lfdm import tracking
 from lfdm.config import Params
-from lfdm.data import FlowStore, FrameStore, ManifestRow, read_manifest, to_tensor
+from lfdm.data import FlowStore, FrameStore, ManifestRow, read_manifest
 from lfdm.device import resolve_device
 from lfdm.metrics import I3DFeatures, MobileNetFeatures, feature_frechet_distance, grouped_fvd, load_i3d
 from lfdm.metrics.classifier import accuracy, train_classifier
 from lfdm.models.checkpoints import load_lfae
 from lfdm.models.warp import from_diffusion_tensor, identity_grid
+from lfdm.parallel import MapShards, batch_shards, serial
 from lfdm.video import write_video
 from lfdm.viz import to_uint8, video_grid
 
@@ -50,43 +53,58 @@ def mean_trajectory(x: torch.Tensor) -> torch.Tensor:
     return (grid[0] - identity_grid(h, w, dtype=grid.dtype)).mean(dim=(1, 2)).flatten()
 
 
-def run(p: Params) -> dict[str, float]:
+@dataclass
+class ShardResult:
+    """What one shard of clips contributes; the lists and arrays follow the clips' order."""
+
+    i3d: dict[str, np.ndarray]  # "real" and each method → (N, 400) I3D logits
+    mobilenet: dict[str, np.ndarray] = field(default_factory=dict)  # → (N·(K−1), D) frame features
+    l1: dict[str, torch.Tensor] = field(default_factory=dict)  # method → (N, K−1) per-frame L1
+    classifier_input: dict[str, torch.Tensor] = field(default_factory=dict)  # → (N, K, 3, s, s) in [0, 1]
+    cosines: list[float] = field(default_factory=list)
+    grid: torch.Tensor | None = None  # uint8 (n, K, 3, H, 2W): real | lfdm, the shard's first videos
+
+
+def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str, float]:
     device, cfg = resolve_device(p.device), p.evaluate
     tests = read_manifest(p.paths.manifest, split="test")
-    videos, cosines = collect_videos(p, tests, device)  # uint8 (N, K, 3, H, W) per method and "real"
+    generated_ids = {row.source for row in read_manifest(Path(p.paths.samples) / "manifest.parquet")}
+    train = read_manifest(p.paths.manifest, split="train")
+    seen = [r for r in train if r.video_id in generated_ids]
+    jobs = [("test", b) for b in batch_shards(tests, cfg.batch_size, shards)]
+    if len(seen) >= 2:  # Table 2: FVD on training images (seen) beside as many test images (unseen)
+        jobs += [("seen", b) for b in batch_shards(seen, cfg.batch_size, shards)]
+    parts = map_shards(functools.partial(evaluate_shard, p), jobs)
+    test = [part for (kind, _), part in zip(jobs, parts, strict=True) if kind == "test"]
     labels, subjects = [r.label for r in tests], [r.subject for r in tests]
 
-    metrics: dict[str, float] = {"test_videos": len(tests), "flow_cosine": float(np.mean(cosines))}
-    real = videos["real"].float() / 255
-    per_frame = {m: (videos[m].float() / 255 - real).abs().mean(dim=(2, 3, 4))[:, 1:] for m in METHODS}
+    def joined(key: str, name: str, of: list[ShardResult] = test):
+        values = [getattr(part, key)[name] for part in of]
+        return torch.cat(values) if isinstance(values[0], torch.Tensor) else np.concatenate(values)
+
+    metrics: dict[str, float] = {
+        "test_videos": len(tests), "flow_cosine": float(np.mean([c for part in test for c in part.cosines]))
+    }
+    per_frame = {m: joined("l1", m) for m in METHODS}
     for m in METHODS:
         metrics[f"l1/{m}"] = float(per_frame[m].mean())
-
-    i3d = I3DFeatures(load_i3d().to(device), batch_size=cfg.batch_size)
-    video_features = {name: i3d(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False)) for name, v in videos.items()}
-    mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)
-    frame_features = {name: mobilenet(v[:, 1:].flatten(0, 1)) for name, v in videos.items()}
+    real_i3d, real_mobilenet = joined("i3d", "real"), joined("mobilenet", "real")
     for m in METHODS:
-        metrics[f"fvd/{m}"] = feature_frechet_distance(video_features["real"], video_features[m])
+        metrics[f"fvd/{m}"] = feature_frechet_distance(real_i3d, joined("i3d", m))
         for key, groups in (("cfvd", labels), ("sfvd", subjects)):
             keep = _in_groups_of_two(groups)  # a covariance needs two videos; tiny test sets lack them
             if keep.any():
                 groups = np.asarray(groups)[keep]
-                mean, std = grouped_fvd(video_features["real"][keep], video_features[m][keep], groups, groups)
+                mean, std = grouped_fvd(real_i3d[keep], joined("i3d", m)[keep], groups, groups)
                 metrics[f"{key}/{m}"], metrics[f"{key}_std/{m}"] = mean, std
-        metrics[f"fid_mobilenetv2/{m}"] = feature_frechet_distance(frame_features["real"], frame_features[m])
+        metrics[f"fid_mobilenetv2/{m}"] = feature_frechet_distance(real_mobilenet, joined("mobilenet", m))
 
-    # Table 2: the same FVD on training images (seen) and on as many test images (unseen)
-    generated_ids = {row.source for row in read_manifest(Path(p.paths.samples) / "manifest.parquet")}
-    train = read_manifest(p.paths.manifest, split="train")
-    seen = [r for r in train if r.video_id in generated_ids]
-    if len(seen) >= 2:
-        seen_videos, _ = collect_videos(p, seen, device)
+    if seen_parts := [part for (kind, _), part in zip(jobs, parts, strict=True) if kind == "seen"]:
         unseen = np.linspace(0, len(tests) - 1, min(len(seen), len(tests))).round().astype(int)
-        metrics["fvd_seen/lfdm"] = feature_frechet_distance(i3d(seen_videos["real"]), i3d(seen_videos["lfdm"]))
-        metrics["fvd_unseen/lfdm"] = feature_frechet_distance(
-            video_features["real"][unseen], video_features["lfdm"][unseen]
+        metrics["fvd_seen/lfdm"] = feature_frechet_distance(
+            joined("i3d", "real", seen_parts), joined("i3d", "lfdm", seen_parts)
         )
+        metrics["fvd_unseen/lfdm"] = feature_frechet_distance(real_i3d[unseen], joined("i3d", "lfdm")[unseen])
         metrics["seen_videos"] = len(seen)
 
     real_frames = FrameStore(p.paths.frames)
@@ -95,11 +113,37 @@ def run(p: Params) -> dict[str, float]:
         _downsized(train_videos, cfg.classifier_size), [r.label for r in train],
         steps=cfg.classifier_steps, seed=p.seed, device=device,
     )
-    for name, v in videos.items():
-        metrics[f"accuracy/{name}"] = accuracy(classifier, classes, _downsized(v, cfg.classifier_size), labels)
+    for name in ("real", *METHODS):
+        metrics[f"accuracy/{name}"] = accuracy(classifier, classes, joined("classifier_input", name), labels)
 
-    write_outputs(p, metrics, per_frame, videos)
+    grid = torch.cat([part.grid for part in test])[: cfg.max_grid_videos]
+    write_outputs(p, metrics, per_frame, grid)
     return metrics
+
+
+def evaluate_shard(p: Params, job: tuple[str, list[tuple[int, list[ManifestRow]]]]) -> ShardResult:
+    """Features of one shard of test clips (``"test"``: everything the metrics need) or of training
+    clips generated for the seen-vs-unseen FVD (``"seen"``: I3D features of real and generated only)."""
+    kind, batches = job
+    device, cfg = resolve_device(p.device), p.evaluate
+    rows = [row for _, batch in batches for row in batch]
+    videos, cosines = collect_videos(p, rows, device)  # uint8 (N, K, 3, H, W) per method and "real"
+    if kind == "seen":
+        videos = {name: videos[name] for name in ("real", "lfdm")}
+    i3d = I3DFeatures(load_i3d().to(device), batch_size=cfg.batch_size)
+    result = ShardResult(
+        i3d={name: i3d(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False)) for name, v in videos.items()}
+    )
+    if kind == "seen":
+        return result
+    real = videos["real"].float() / 255
+    mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)
+    result.mobilenet = {name: mobilenet(v[:, 1:].flatten(0, 1)) for name, v in videos.items()}
+    result.l1 = {m: (videos[m].float() / 255 - real).abs().mean(dim=(2, 3, 4))[:, 1:] for m in METHODS}
+    result.classifier_input = {name: _downsized(v, cfg.classifier_size) for name, v in videos.items()}
+    result.cosines = cosines
+    result.grid = torch.cat((videos["real"], videos["lfdm"]), dim=-1)[: cfg.max_grid_videos]  # real | generated
+    return result
 
 
 def collect_videos(
@@ -152,7 +196,8 @@ def _downsized(videos: torch.Tensor, size: int) -> torch.Tensor:
     return x.unflatten(0, videos.shape[:2])
 
 
-def write_outputs(p: Params, metrics: dict[str, float], per_frame: dict[str, torch.Tensor], videos: dict) -> None:
+def write_outputs(p: Params, metrics: dict[str, float], per_frame: dict[str, torch.Tensor], pairs: torch.Tensor) -> None:
+    """Table, per-frame L1 curves and the real | generated grid of ``pairs`` (uint8 (n, K, 3, H, 2W))."""
     plots, metrics_dir = Path(p.paths.plots), Path(p.paths.metrics)
     plots.mkdir(parents=True, exist_ok=True)
     metrics_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +208,6 @@ def write_outputs(p: Params, metrics: dict[str, float], per_frame: dict[str, tor
     table = metrics_dir / "evaluate_table.md"
     table.write_text(results_table(metrics))
     tracking.log_file(table)
-    pairs = torch.cat((videos["real"], videos["lfdm"]), dim=-1)[: p.evaluate.max_grid_videos]  # real | generated
     grid = list(pairs.permute(0, 1, 3, 4, 2).numpy())  # uint8 (K, H, 2W, 3) each
     grid_path = plots / "real_vs_generated.gif"
     write_video(grid_path, video_grid(grid, columns=2, scale=2), fps=p.sample.fps)

@@ -1,0 +1,69 @@
+"""The clip-by-clip stages sharded over 2 local Dask workers (Prefect's Dask task runner, a real Prefect
+server) write what the serial ``dvc repro`` wrote."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from lfdm.data import read_manifest
+
+from .conftest import make_project, service_env
+from .test_pipeline import run
+
+pytestmark = pytest.mark.slow
+
+# every stage gets several batches, so the shards split real work
+SMALL_BATCHES = {"tracking": {"enabled": False}, "extract_flow": {"batch_size": 2}, "sample": {"batch_size": 2},
+                 "evaluate": {"batch_size": 2}}
+
+SHARDED_RUN = """
+import sys
+from flows.dask_shards import dask_map_shards
+from lfdm.config import ParallelConfig, load_params
+from stages import SHARDED, execute
+
+p = load_params()
+p = p.model_copy(update={"paths": p.paths.model_copy(update={
+    "flows": "dask/flows.zarr", "samples": "dask/samples", "metrics": "dask/metrics", "plots": "dask/plots"})})
+cluster = ParallelConfig(dask=True, shards=3, workers=2)
+for name in SHARDED:
+    execute(name, p, dask_map_shards(cluster, name))
+"""
+
+
+def arrays(path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(path), mode="r")
+    out = {}
+    for name, member in group.members(max_depth=None):
+        if isinstance(member, zarr.Array):
+            out[name] = member[...]
+    return out
+
+
+def test_two_dask_workers_write_what_the_serial_run_wrote(tmp_path, prefect_server):
+    project = make_project(tmp_path / "project", SMALL_BATCHES)
+    env = service_env(tmp_path, PREFECT_API_URL=prefect_server)
+    run(["dvc", "repro"], project, env)
+    output = run([sys.executable, "-c", SHARDED_RUN], project, env)
+    assert "extract_flow-shards" in output and "Completed" in output  # the sub-flows ran on the task runner
+
+    serial, sharded = project / "data", project / "dask"
+    for store in ("flows.zarr", "samples/frames.zarr", "samples/flows.zarr"):
+        want, got = arrays(serial / store), arrays(sharded / store)
+        assert sorted(got) == sorted(want) and want, store
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value, atol=1e-3, err_msg=f"{store}/{name}")
+    assert read_manifest(sharded / "samples/manifest.parquet") == read_manifest(serial / "samples/manifest.parquet")
+    assert (sharded / "samples/gifs").is_dir() and len(list((sharded / "samples/gifs").iterdir())) == len(
+        list((serial / "samples/gifs").iterdir()))
+
+    want = json.loads((project / "metrics/evaluate.json").read_text())
+    got = json.loads((project / "dask/metrics/evaluate.json").read_text())
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
