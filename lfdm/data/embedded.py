@@ -82,7 +82,11 @@ PHOTOS: dict[str, tuple[int, int, int, int] | None] = {
 
 @dataclass(frozen=True)
 class Clip:
-    """One rendered clip. ``frames``: ``(T, H, W, 3)`` uint8, ``T = cfg.embedded.source_frames``."""
+    """One rendered clip. ``frames``: ``(T, H, W, 3)`` uint8, ``T = cfg.embedded.source_frames``.
+
+    ``camera`` (embedded clips only): ``(T, 2, 3)`` per frame, the affine map from frame coordinates
+    (u, v) ∈ [-1, 1]² (pixel-centre convention of ``align_corners=False``) to the photo's; it gives the
+    true motion between any two frames (:func:`true_flow`)."""
 
     video_id: str
     label: str
@@ -90,6 +94,7 @@ class Clip:
     split: str
     frames: np.ndarray
     source: str
+    camera: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ def generate_clips(cfg: DataConfig, seed: int) -> Iterator[Clip]:
                 label = labels[counter % len(labels)]
                 counter += 1
                 rng = np.random.default_rng([seed, photos.index(subject.photo), subject.crop, j])
-                frames = _render(
+                frames, camera = _render(
                     photo, subject.crop, MOTIONS[label], cfg.embedded.source_frames, cfg.image_size, rng
                 )
                 yield Clip(
@@ -128,6 +133,7 @@ def generate_clips(cfg: DataConfig, seed: int) -> Iterator[Clip]:
                     split=split,
                     frames=frames,
                     source=f"skimage:{subject.photo}#{subject.crop}",
+                    camera=camera,
                 )
 
 
@@ -182,8 +188,9 @@ def _window(photo: torch.Tensor, crop: int) -> tuple[float, float, float]:
 
 def _render(
     photo: torch.Tensor, crop: int, motion: Motion, num_frames: int, size: int, rng: np.random.Generator
-) -> np.ndarray:
-    """``(T, size, size, 3)`` uint8 frames of ``motion`` starting from subject window ``crop``."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(T, size, size, 3)`` uint8 frames of ``motion`` starting from subject window ``crop``, and the
+    ``(T, 2, 3)`` camera: frame (u, v, 1) → photo coordinates in [-1, 1] (``grid_sample``'s)."""
     h, w = photo.shape[-2:]
     cx, cy, side = _window(photo, crop)
     speed = rng.uniform(*SPEED_RANGE)
@@ -203,8 +210,28 @@ def _render(
     x = cx + motion.pan[0] * side * progress + cos * u + sin * v
     y = cy + motion.pan[1] * side * progress - sin * u + cos * v
     grid = np.stack((x * 2 / w - 1, y * 2 / h - 1), axis=-1, dtype=np.float32)
+    c, s, pos = cos[:, 0, 0], sin[:, 0, 0], progress[:, 0, 0]  # the same maps as (T, 2, 3) affines
+    camera = np.stack((
+        np.stack((c, s, cx + motion.pan[0] * side * pos), axis=-1) * 2 / w - [0, 0, 1],
+        np.stack((-s, c, cy + motion.pan[1] * side * pos), axis=-1) * 2 / h - [0, 0, 1],
+    ), axis=1)
     # one sampling call for the whole clip: frames stacked along the grid's height
     grid = torch.from_numpy(grid.reshape(1, num_frames * size, size, 2))
     frames = F.grid_sample(photo, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     frames = frames[0].numpy().reshape(3, num_frames, size, size).transpose(1, 2, 3, 0)
-    return np.clip(np.rint(frames * 255), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(frames * 255), 0, 255).astype(np.uint8), camera.astype(np.float32)
+
+
+def true_flow(camera: np.ndarray, source: int, driving: int, latent_size: int) -> np.ndarray:
+    """The exact backward flow grid ``(h, w, 2)`` from frame ``driving`` to frame ``source`` of a clip
+    with ``camera`` (:class:`Clip`), in the LFAE's latent convention (:func:`lfdm.models.warp.identity_grid`:
+    ±1 at the corner latent pixels' centres, which lie at ±(h−1)/h in frame coordinates)."""
+    h = latent_size
+    edge = (h - 1) / h
+    z = np.linspace(-1, 1, h)
+    zx, zy = np.meshgrid(z, z)
+    frame = np.stack((zx * edge, zy * edge, np.ones_like(zx)), axis=-1)  # driving frame (u, v, 1)
+    photo = frame @ camera[driving].T.astype(np.float64)
+    linear, offset = camera[source][:, :2].astype(np.float64), camera[source][:, 2].astype(np.float64)
+    in_source = (photo - offset) @ np.linalg.inv(linear).T
+    return (in_source / edge).astype(np.float32)

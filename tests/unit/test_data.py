@@ -27,10 +27,12 @@ from lfdm.data import (
     generate_clips,
     read_manifest,
     sample_frame_indices,
+    to_tensor,
     write_manifest,
 )
-from lfdm.data.embedded import _render, _window
+from lfdm.data.embedded import _render, _window, true_flow
 from lfdm.data.manifest import SCHEMA
+from lfdm.models.warp import warp
 
 # ------------------------------------------------------------------------------------ embedded data
 
@@ -160,10 +162,24 @@ def test_embedded_rotation_label_is_the_on_screen_direction(label, right_end_low
     photo = torch.full((1, 3, 300, 300), 0.5)
     cx, cy, _ = _window(photo, 0)
     photo[..., round(cy) - 5 : round(cy) + 5, round(cx) - 40 : round(cx) + 40] = 1.0
-    last = _render(photo, 0, MOTIONS[label], 8, 64, np.random.default_rng(0))[-1, ..., 0]
+    last = _render(photo, 0, MOTIONS[label], 8, 64, np.random.default_rng(0))[0][-1, ..., 0]
     ys, xs = np.nonzero(last > 200)
     left, right = ys[xs < xs.mean()].mean(), ys[xs > xs.mean()].mean()  # y points down
     assert (right > left + 5) if right_end_lower else (left > right + 5)
+
+
+@pytest.mark.parametrize("label", list(MOTIONS))
+def test_embedded_true_flow_warps_one_frame_into_another(default_clips, label):
+    """The camera each clip carries gives the exact flow: warping an earlier frame by it renders a later
+    one (inside the region both frames see), far closer than the unwarped frame is."""
+    clip = next(c for c in default_clips if c.label == label)
+    frames = to_tensor(clip.frames)
+    for source, driving in ((0, 5), (4, 2), (3, 9)):
+        grid = torch.from_numpy(true_flow(clip.camera, source, driving, frames.shape[-1]))[None]
+        inside = (grid.abs() < 0.9).all(-1)[0]  # driving pixels whose source lies well inside the source frame
+        warped_error = (warp(frames[source : source + 1], grid) - frames[driving])[0].abs().mean(0)[inside].mean()
+        still_error = (frames[source] - frames[driving]).abs().mean(0)[inside].mean()
+        assert warped_error < 0.4 * still_error and warped_error < 0.02, (clip.video_id, source, driving)
 
 
 def test_embedded_motion_is_smooth(default_clips):
