@@ -1,22 +1,30 @@
-"""U-Net cost per denoising step and per generated video, at the paper's shape and at the default shape.
+"""U-Net cost per denoising step, per training step and per generated video, ours beside the reference
+design (``benchmarks/reference_unet.py``: linear spatial attention, einsum temporal attention, 5-D Conv3d,
+guidance as two passes), at the paper's shape and at the default shape.
 
-    python benchmarks/unet.py                 # both shapes, batch 1 and 10 (paper) / 8 (default)
-    python benchmarks/unet.py --shapes default --steps 3
+    python benchmarks/unet.py                                  # both designs, both shapes
+    python benchmarks/unet.py --shapes default --steps 3 --designs ours
+    python benchmarks/unet.py --device cuda --bf16             # on a GPU
 
-Prints, per shape and batch: parameters, forward seconds per step (median of timed steps after a
-warm-up), GFLOP per forward (counted by torch's FLOP counter), achieved GFLOP/s, seconds per video for
-DDPM-1000 and DDIM-10 (steps × forward time / batch: the sampler's own arithmetic is negligible), and
-peak memory (CUDA: max allocated per row; CPU: the process's peak RSS so far, so rows run smallest
-first). A benchmark, not a test.
+Each row runs in its own process, so its peak memory is its own (CUDA: max allocated; CPU: the process's
+peak RSS, which includes ≈ 0.4 GB of torch itself). Per row: parameters, forward seconds (median of the
+timed steps after a warm-up), GFLOP per forward (torch's FLOP counter), achieved GFLOP/s, a training
+step (forward + backward), a guided sampling step (g ≠ 1: ours one batched pass over 2B rows, the
+reference two passes), and seconds per video for DDPM-1000 and DDIM-10 at g = 1 (the paper's: one
+pass per step). The header gives the dense matmul rate the GFLOP/s compare with. A benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,16 +33,20 @@ from lfdm.config import Params, UNetConfig
 from lfdm.device import resolve_device
 from lfdm.models.unet3d import Unet3D
 
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_unet import ReferenceUnet3D  # a benchmark-only module beside this script
+
 TEXT_DIM = 384  # the default BERT (all-MiniLM-L6-v2); the paper's bert-base is 768
+DESIGNS = {"ours": Unet3D, "reference": ReferenceUnet3D}
 
 
 def shapes(defaults: Params) -> dict[str, dict]:
     return {
         # paper Sec. 4.2: 40 × 32 × 32 × 3 latent flow, z0 with 256 channels, dim 64, mults (1, 2, 4, 8)
-        "paper": dict(unet=UNetConfig(dim=64, dim_mults=(1, 2, 4, 8), attn_heads=8, spatial_attn_max_size=32),
-                      frames=40, size=32, cond=256, batches=(1, 10)),
-        "default": dict(unet=defaults.dm.unet, frames=defaults.data.num_frames, size=defaults.data.image_size // 4,
-                        cond=defaults.lfae.latent_channels, batches=(1, defaults.sample.batch_size)),
+        "paper": {"unet": UNetConfig(dim=64, dim_mults=(1, 2, 4, 8), attn_heads=8, spatial_attn_max_size=32),
+                  "frames": 40, "size": 32, "cond": 256, "batches": (1, 10)},
+        "default": {"unet": defaults.dm.unet, "frames": defaults.data.num_frames, "size": defaults.data.image_size // 4,
+                    "cond": defaults.lfae.latent_channels, "batches": (1, defaults.sample.batch_size)},
     }
 
 
@@ -50,53 +62,98 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB (Linux)
 
 
-def bench(unet: UNetConfig, frames: int, size: int, cond: int, batch: int, steps: int, device, dtype) -> dict:
-    model = Unet3D(unet, cond_channels=cond, text_dim=TEXT_DIM, latent_size=size).to(device).eval()
+def timed(fn, steps: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``steps`` calls after one warm-up."""
+    times = []
+    for i in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(design: str, shape: str, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> dict:
+    spec = shapes(Params())[shape]
+    frames, size, cond = spec["frames"], spec["size"], spec["cond"]
+    model = DESIGNS[design](spec["unet"], cond_channels=cond, text_dim=TEXT_DIM, latent_size=size).to(device)
     x = torch.randn(batch, 3, frames, size, size, device=device)
     z0 = torch.randn(batch, cond, size, size, device=device)
     text = torch.randn(batch, TEXT_DIM, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def guided() -> None:  # one sampling step with g != 1: conditional and null predictions
+        if design == "ours":  # one batched pass, as lfdm.diffusion does
+            model(x.repeat(2, 1, 1, 1, 1), t.repeat(2), z0.repeat(2, 1, 1, 1), text.repeat(2, 1),
+                  drop_text=torch.arange(2 * batch, device=device) >= batch)
+        else:  # the reference: two passes
+            model(x, t, z0, text)
+            model(x, t, z0, torch.zeros_like(text))
+
+    def train_step() -> None:
+        with autocast:
+            loss = model(x, t, z0, text).square().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.eval()
     with torch.inference_mode(), autocast:
         with FlopCounterMode(display=False) as counter:
             model(x, t, z0, text)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(x, t, z0, text)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-    step = statistics.median(times)
+        forward = timed(lambda: model(x, t, z0, text), steps, device)
+        guided_s = timed(guided, steps, device)
+    model.train()
+    train_s = timed(train_step, steps, device)
     gflop = counter.get_total_flops() / 1e9
-    return dict(params_m=model.num_parameters / 1e6, step_s=step, gflop=gflop, gflops=gflop / step,
-                ddpm1000_s=1000 * step / batch, ddim10_s=10 * step / batch, peak_gb=peak_memory_gb(device))
+    return {"params_m": model.num_parameters / 1e6, "forward_s": forward, "gflop": gflop, "gflops": gflop / forward,
+            "train_s": train_s, "guided_s": guided_s, "ddpm1000_s": 1000 * forward / batch,
+            "ddim10_s": 10 * forward / batch, "peak_gb": peak_memory_gb(device)}
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """The machine's dense matmul rate: the ceiling the U-Net's GFLOP/s is measured against."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / timed(lambda: a @ b, 5, device) / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # smaller shape first: on CPU the peak is the process's max RSS so far
     parser.add_argument("--shapes", nargs="+", default=["default", "paper"], choices=["paper", "default"])
-    parser.add_argument("--steps", type=int, default=3, help="timed forward passes per row (after one warm-up)")
+    parser.add_argument("--designs", nargs="+", default=["ours", "reference"], choices=list(DESIGNS))
+    parser.add_argument("--batches", nargs="+", type=int, help="batch sizes (default: each shape's own)")
+    parser.add_argument("--steps", type=int, default=3, help="timed calls per figure (after one warm-up)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--row", nargs=3, metavar=("DESIGN", "SHAPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    print(f"machine: {machine(device)}; dtype {str(dtype).removeprefix('torch.')}")
-    print("| shape | batch | params (M) | fwd s/step | GFLOP/fwd | GFLOP/s | DDPM-1000 s/video | DDIM-10 s/video | peak mem (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in args.shapes:
-        spec = shapes(Params())[name]
-        for batch in spec["batches"]:
-            r = bench(spec["unet"], spec["frames"], spec["size"], spec["cond"], batch, args.steps, device, dtype)
-            print(f"| {name} ({spec['frames']}×{spec['size']}²×3, z0 {spec['cond']}) | {batch} | {r['params_m']:.1f} "
-                  f"| {r['step_s']:.3f} | {r['gflop']:.0f} | {r['gflops']:.0f} | {r['ddpm1000_s']:.1f} "
-                  f"| {r['ddim10_s']:.2f} | {r['peak_gb']:.2f} |", flush=True)
+    if args.row:  # one row, in its own process
+        design, shape, batch = args.row
+        print(json.dumps(bench(design, shape, int(batch), args.steps, device, dtype)))
+        return
+
+    print(f"machine: {machine(device)}; dtype {str(dtype).removeprefix('torch.')}; "
+          f"dense matmul (2048³) {matmul_gflops(device, dtype):.0f} GFLOP/s")
+    print("| shape | batch | design | params (M) | fwd s | GFLOP/fwd | GFLOP/s | train step s | guided step s "
+          "| DDPM-1000 s/video | DDIM-10 s/video | peak mem (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        spec = shapes(Params())[shape]
+        for batch in args.batches or spec["batches"]:
+            for design in args.designs:
+                cmd = [sys.executable, __file__, "--row", design, shape, str(batch), "--steps", str(args.steps),
+                       "--device", args.device, *(["--bf16"] if args.bf16 else [])]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                print(f"| {shape} ({spec['frames']}×{spec['size']}²×3, z0 {spec['cond']}) | {batch} | {design} "
+                      f"| {r['params_m']:.1f} | {r['forward_s']:.3f} | {r['gflop']:.0f} | {r['gflops']:.0f} "
+                      f"| {r['train_s']:.3f} | {r['guided_s']:.3f} | {r['ddpm1000_s']:.1f} | {r['ddim10_s']:.2f} "
+                      f"| {r['peak_gb']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
