@@ -119,7 +119,9 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
 
 
 def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_server):
-    project = make_project(tmp_path / "project", {"tracking": {"experiment": "prefect-e2e"}})
+    """The deployment as users run it, with the clip-by-clip stages sharded over 2 local Dask workers."""
+    project = make_project(tmp_path / "project", {"tracking": {"experiment": "prefect-e2e"},
+                                                  "parallel": {"dask": True, "shards": 2, "workers": 2}})
     env = service_env(tmp_path, PREFECT_API_URL=prefect_server, MLFLOW_TRACKING_URI=mlflow_server)
     log = tmp_path / "serve.log"
     with log.open("w") as out:
@@ -135,6 +137,9 @@ def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_s
         assert "Completed" in output, output[-3000:] + log.read_text()[-3000:]
     finally:
         stop(serve)
+    served = log.read_text()
+    for stage in ("extract_flow", "sample", "evaluate"):
+        assert f"{stage}-shards" in served, served[-3000:]  # the stage's shards ran as a Dask sub-flow
 
     assert_pipeline_outputs(project)
     # the flow recorded what it ran in dvc.lock, so DVC agrees that everything is up to date
