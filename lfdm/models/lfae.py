@@ -23,6 +23,7 @@ from lfdm.models.warp import identity_grid, warp
 
 LATENT_SCALE = 0.25  # the encoder's two down blocks
 REGION_VAR = 0.01  # MRAA's isotropic heatmap variance, used when regions carry no covariance
+REGION_VAR_FLOOR = 1e-4  # added to region covariances (a std of 0.01, ~1/13 latent pixel at 16²)
 _EPS = 1e-12
 
 Regions = dict[str, Tensor]
@@ -338,6 +339,9 @@ class RegionPredictor(nn.Module):
             if self.pca_based:
                 d = grid - shift[:, :, None, None]
                 covar = torch.einsum("bkhw,bkhwi,bkhwj->bkij", heatmap, d, d)
+                # a region collapsed onto one pixel (high learning rates do it) would have a singular
+                # covariance, and inv() would turn the flow into NaN; the floor is far below real regions'
+                covar = covar + REGION_VAR_FLOOR * torch.eye(2, device=covar.device)
                 regions |= {"covar": covar, "affine": covariance_to_affine(covar)}
         return regions
 

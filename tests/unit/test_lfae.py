@@ -5,6 +5,7 @@ import torch
 
 from lfdm.config import LFAEConfig
 from lfdm.models.lfae import (
+    REGION_VAR_FLOOR,
     AntiAliasDownsample,
     BackgroundPredictor,
     DownBlock2d,
@@ -91,6 +92,22 @@ def test_forward_shapes(decoder: str):
         assert regions["shift"].shape == (B, K, 2)
         assert regions["shift"].abs().max() <= 1
         assert regions["covar"].shape == regions["affine"].shape == (B, K, 2, 2)
+
+
+def test_a_region_collapsed_onto_one_pixel_keeps_an_invertible_covariance():
+    """A one-hot heatmap (seen in training at high learning rates) keeps the covariance floor, so the
+    flow stays finite instead of turning NaN through inv(covar)."""
+    model = LatentFlowAutoEncoder(tiny_cfg())
+    predictor = model.flow_predictor.region_predictor
+    with torch.no_grad():
+        predictor.heatmap.weight.zero_()
+        predictor.heatmap.bias.zero_()
+        predictor.heatmap.weight[:, :, 3, 3] = 1e4  # logits follow the input: every heatmap becomes one-hot
+    regions = predictor(frames())
+    assert regions["heatmap"].amax(dim=(2, 3)).min() > 0.999
+    torch.testing.assert_close(regions["covar"], torch.eye(2).expand(B, K, 2, 2) * REGION_VAR_FLOOR, atol=1e-6, rtol=0)
+    out = model(frames(), frames())
+    assert torch.isfinite(out["flow"]).all() and torch.isfinite(out["prediction"]).all()
 
 
 def test_small_region_pad_uses_the_heatmaps_own_grid():
