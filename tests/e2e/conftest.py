@@ -63,7 +63,7 @@ def service_env(home: Path, **extra: str) -> dict[str, str]:
 def make_project(path: Path, overrides: dict | None = None) -> Path:
     """Copy the pipeline into ``path`` as a fresh git + DVC repo with shrunk params."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("lfdm", "stages", "flows"):
+    for name in ("lfdm", "stages", "flows", "assets"):  # assets: a dvc.yaml dep of train_lfae
         shutil.copytree(ROOT / name, path / name, ignore=ignore)
     for name in ("dvc.yaml", "prefect.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, path / name)
