@@ -118,7 +118,7 @@ class PerceptualConfig(Section):
 
 class TrainLFAEConfig(Section):
     # an LFAE checkpoint to start from (its lfae section must equal ours); null trains from scratch
-    init: str | None = None
+    init: str | None = "assets/lfae-embedded-64.pt"
     steps: int = Field(400, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)

@@ -23,7 +23,7 @@ from lfdm.models.warp import identity_grid, warp
 
 LATENT_SCALE = 0.25  # the encoder's two down blocks
 REGION_VAR = 0.01  # MRAA's isotropic heatmap variance, used when regions carry no covariance
-REGION_VAR_FLOOR = 1e-4  # added to region covariances (a std of 0.01, ~1/13 latent pixel at 16²)
+REGION_VAR_FLOOR = 1e-6  # added to region covariances (a std of 0.001, ~1/130 latent pixel at 16²)
 _EPS = 1e-12
 
 Regions = dict[str, Tensor]
