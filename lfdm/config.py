@@ -119,7 +119,7 @@ class PerceptualConfig(Section):
 class TrainLFAEConfig(Section):
     # an LFAE checkpoint to start from (its lfae section must equal ours); null trains from scratch
     init: str | None = "assets/lfae-embedded-64.pt"
-    steps: int = Field(400, ge=1)
+    steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
@@ -166,6 +166,9 @@ class DiffusionConfig(Section):
     prediction: Literal["epsilon", "v_prediction"] = "epsilon"
     null_prob: float = Field(0.1, ge=0, le=1)  # null-condition dropout (classifier-free guidance training)
     threshold_percentile: float = Field(0.9, gt=0, le=1)  # dynamic thresholding (Imagen); 1.0 = off
+    # what is diffused: "grid" = the absolute sampling grid (paper, official code); "displacement" = grid −
+    # identity over a scale train_dm measures on the training flows (lfdm.diffusion.FlowDiffusion)
+    target: Literal["grid", "displacement"] = "displacement"
 
 
 class SamplerConfig(Section):

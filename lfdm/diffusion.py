@@ -1,6 +1,10 @@
 """Stage two: Gaussian diffusion over latent flow (paper Sec. 3.1, 3.2.2, 4.2).
 
-The diffused tensor ``x0 (B, 3, K, H, W)`` is the flow grid plus occlusion (``lfdm.models.warp``). Training is
+The flow tensor ``x0 (B, 3, K, H, W)`` is the flow grid plus occlusion (``lfdm.models.warp``). With
+``target: grid`` it is diffused as it is (paper, official code); with ``target: displacement`` the grid
+channels become the displacement from the identity grid over a scale measured on the training flows, so
+the model starts from "no motion" instead of having to learn the identity grid, and the motion, a few
+hundredths of the grid's range, fills about all of [-1, 1]. Training is
 ε-prediction with an L2 loss (Eq. 7; ``prediction: v_prediction`` regresses v = √ᾱ ε − √(1−ᾱ) x0 instead,
 Salimans & Ho 2022) and null-condition dropout; sampling runs one of diffusers' schedulers
 with classifier-free guidance (Eq. 4) and Imagen's dynamic thresholding of x̂0, as the official code does.
@@ -18,11 +22,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lfdm.config import DiffusionConfig, SamplerConfig
+from lfdm.models.warp import identity_grid
 
 # DPM-Solver's authors clip the cosine schedule's half-log-SNR λ at −5.1 (LuChengTHU/dpm-solver): λ → −∞
 # over its last discrete steps, and one huge first step in λ destabilises the multistep solver. This drops
 # 4 of 1000 steps, all with ᾱ < 4e-5, so starting from pure noise is still consistent.
 DPM_SOLVER_LAMBDA_MIN = -5.1
+# target "displacement": this quantile of |displacement| over the training flows maps to 1, so about all of
+# the data lies in [-1, 1], the range dynamic thresholding assumes (it would shrink unit-variance data)
+DISPLACEMENT_QUANTILE = 0.995
+QUANTILE_MAX_VALUES = 1 << 24  # torch.quantile's input limit; a strided subset beyond it
 
 
 class Denoiser(Protocol):
@@ -98,6 +107,42 @@ class FlowDiffusion(nn.Module):
         )
         # a buffer, so ᾱ follows .to(device) and the loss never copies the table per step
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
+        # saved with the weights: the scale is part of what the model learnt (fit_target)
+        self.register_buffer("displacement_scale", torch.ones(()))
+
+    @torch.no_grad()
+    def fit_target(self, flows: torch.Tensor) -> float:
+        """Set the displacement scale from training flow tensors ``(N, 3, K, H, W)``; returns it (1 for
+        ``target: grid``)."""
+        if self.cfg.target == "displacement":
+            magnitude = self._displacement(flows.float()).abs().flatten()
+            stride = -(-magnitude.numel() // QUANTILE_MAX_VALUES)
+            scale = torch.quantile(magnitude[::stride], DISPLACEMENT_QUANTILE)
+            if not scale > 0:
+                raise ValueError("the training flows do not move: their displacement scale is 0")
+            self.displacement_scale.fill_(scale)
+        return float(self.displacement_scale)
+
+    def to_target(self, x: torch.Tensor) -> torch.Tensor:
+        """Flow tensor → the tensor the model diffuses (the same for ``target: grid``)."""
+        if self.cfg.target == "grid":
+            return x
+        return torch.cat((self._displacement(x) / self.displacement_scale.to(x.dtype), x[:, 2:]), dim=1)
+
+    def from_target(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_target`."""
+        if self.cfg.target == "grid":
+            return x
+        grid = x[:, :2] * self.displacement_scale.to(x.dtype) + self._identity(x)
+        return torch.cat((grid, x[:, 2:]), dim=1)
+
+    @staticmethod
+    def _identity(x: torch.Tensor) -> torch.Tensor:
+        """The identity grid ``(2, 1, H, W)`` to broadcast over ``x (B, 3, K, H, W)``'s grid channels."""
+        return identity_grid(*x.shape[-2:], device=x.device, dtype=x.dtype).permute(2, 0, 1)[:, None]
+
+    def _displacement(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :2] - self._identity(x)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x0): ``x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε`` for ``x0, noise (B, ...)`` and ``t (B,)`` long."""
@@ -114,6 +159,7 @@ class FlowDiffusion(nn.Module):
         """Eq. 7: ``‖ε − ε_θ(x_t, t, z0, y)‖²`` averaged (v in place of ε for v-prediction), for ``x0 (B, 3, K, H, W)``, ``cond (B, Cz, H, W)``,
         ``text_emb (B, D)``. Each row's text is dropped to the null embedding with prob ``cfg.null_prob``.
         ``generator`` (on ``x0``'s device) makes t, ε and the dropout reproducible."""
+        x0 = self.to_target(x0)
         b, device = x0.shape[0], x0.device
         t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator, device=device)
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
@@ -174,4 +220,4 @@ class FlowDiffusion(nn.Module):
                 out_cond, out_null = out.chunk(2)
                 out = out_null + g * (out_cond - out_null)
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
-        return x
+        return self.from_target(x)

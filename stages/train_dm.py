@@ -22,6 +22,8 @@ from lfdm.models.unet3d import Unet3D
 from lfdm.text import load_embeddings
 from lfdm.training import TrainingState, forever, multistep_schedule, seed_everything, sharded_loader
 
+TARGET_FIT_CLIPS = 1024  # training clips, evenly spaced, that set the displacement scale (bounded memory)
+
 
 def run(p: Params) -> dict[str, float]:
     cfg, device = p.train_dm, distributed.init(resolve_device(p.device))
@@ -37,7 +39,10 @@ def run(p: Params) -> dict[str, float]:
     denoiser = Unet3D(
         p.dm.unet, cond_channels=attrs.latent_channels, text_dim=text_dim, latent_size=attrs.latent_size
     )
-    diffusion = FlowDiffusion(denoiser, p.dm.diffusion).to(device)
+    diffusion = FlowDiffusion(denoiser, p.dm.diffusion)
+    measured = torch.linspace(0, len(sequences) - 1, min(len(sequences), TARGET_FIT_CLIPS)).long()
+    diffusion.fit_target(torch.stack([sequences[int(i)]["x0"] for i in measured]))
+    diffusion.to(device)
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr, betas=cfg.betas)
     schedule = multistep_schedule(optimizer, cfg.steps, cfg.milestones, cfg.gamma)
     config = p.model_dump(mode="json", include={"seed", "dm", "train_dm"}) | {"flows": asdict(attrs)}

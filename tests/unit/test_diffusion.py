@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lfdm.config import DiffusionConfig, SamplerConfig
-from lfdm.diffusion import FlowDiffusion, make_scheduler
+from lfdm.diffusion import DISPLACEMENT_QUANTILE, FlowDiffusion, make_scheduler
+from lfdm.models.warp import identity_grid
 
 CZ, D = 4, 6  # latent (cond) channels, text embedding size
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
@@ -74,8 +75,14 @@ def seeded(seed: int) -> torch.Generator:
 
 def perfect_diffusion(x0: torch.Tensor, cfg: DiffusionConfig) -> FlowDiffusion:
     diffusion = FlowDiffusion(nn.Identity(), cfg)
-    diffusion.denoiser = PerfectDenoiser(x0, diffusion.alphas_cumprod, cfg.prediction)
+    diffusion.denoiser = PerfectDenoiser(diffusion.to_target(x0), diffusion.alphas_cumprod, cfg.prediction)
     return diffusion
+
+
+def moving_flows(n: int, k: int = 3, h: int = 6, w: int = 5, motion: float = 0.05) -> torch.Tensor:
+    """Flow tensors: the identity grid displaced by up to ``motion``, occlusion channel in [-1, 1]."""
+    grid = identity_grid(h, w).permute(2, 0, 1)[:, None] + motion * (torch.rand(n, 2, k, h, w) * 2 - 1)
+    return torch.cat((grid, torch.rand(n, 1, k, h, w) * 2 - 1), dim=1)
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -117,12 +124,56 @@ def test_add_noise_is_inverted_by_the_true_noise() -> None:
         torch.testing.assert_close(x0_hat, x0[i : i + 1], atol=2e-4, rtol=0)
 
 
+# -------------------------------------------------------------------------------------------- target
+
+
+def test_displacement_target_is_scaled_to_the_unit_range_and_inverts() -> None:
+    flows = moving_flows(16, motion=0.05)
+    diffusion = FlowDiffusion(nn.Identity(), DiffusionConfig(target="displacement"))
+    scale = diffusion.fit_target(flows)
+    assert 0.04 < scale <= 0.05  # the 0.995-quantile of a uniform displacement in [-0.05, 0.05]
+    target = diffusion.to_target(flows)
+    inside = (target[:, :2].abs() <= 1).float().mean()
+    torch.testing.assert_close(inside, torch.tensor(DISPLACEMENT_QUANTILE), atol=2e-3, rtol=0)
+    torch.testing.assert_close(target[:, 2:], flows[:, 2:])  # occlusion is untouched
+    torch.testing.assert_close(diffusion.from_target(target), flows, atol=1e-6, rtol=0)
+    # the scale is saved with the weights
+    restored = FlowDiffusion(nn.Identity(), DiffusionConfig(target="displacement"))
+    restored.load_state_dict(diffusion.state_dict())
+    torch.testing.assert_close(restored.to_target(flows), target)
+
+
+def test_grid_target_is_the_flow_tensor_itself() -> None:
+    flows = moving_flows(4)
+    diffusion = FlowDiffusion(nn.Identity(), DiffusionConfig(target="grid"))
+    assert diffusion.fit_target(flows) == 1
+    assert diffusion.to_target(flows) is flows and diffusion.from_target(flows) is flows
+
+
+def test_still_flows_are_refused() -> None:
+    still = moving_flows(4, motion=0.0)
+    with pytest.raises(ValueError, match="do not move"):
+        FlowDiffusion(nn.Identity(), DiffusionConfig(target="displacement")).fit_target(still)
+
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+def test_perfect_predictor_samples_displacement_flows_back(kind: str) -> None:
+    flows = moving_flows(2, motion=0.05)
+    diffusion = perfect_diffusion(flows, DiffusionConfig(timesteps=100))
+    diffusion.fit_target(flows)
+    diffusion.denoiser.x0 = diffusion.to_target(flows)  # the scale changed what the model sees
+    cond, text = inputs(2, 6, 5)
+    out = diffusion.sample(cond, text, num_frames=3, sampler=SamplerConfig(sampler=kind, steps=10))
+    # all within [-1, 1] but the top 0.5 % of displacements, which dynamic thresholding may shrink a little
+    assert (out - flows).abs().max() < 0.05 * 0.2 and (out - flows).abs().median() < 1e-4
+
+
 # ---------------------------------------------------------------------------------------------- loss
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_loss_is_zero_for_a_perfect_predictor_and_one_for_zero(prediction: str) -> None:
-    cfg = DiffusionConfig(timesteps=100, prediction=prediction)
+    cfg = DiffusionConfig(timesteps=100, prediction=prediction, target="grid")
     x0 = torch.randn(8, 3, 4, 8, 8)  # unit variance: E[v²] = ᾱ + (1 − ᾱ) = 1 as E[ε²] = 1
     cond, text = inputs(8, 8, 8)
     assert perfect_diffusion(x0, cfg).loss(x0, cond, text) < 1e-8
@@ -180,7 +231,7 @@ def test_samplers_return_finite_flow_of_the_right_shape(kind: str) -> None:
 def test_perfect_predictor_is_sampled_back_to_x0(kind: str, prediction: str) -> None:
     x0 = torch.rand(2, 3, 3, 6, 5) * 1.8 - 0.9  # inside [-1, 1]: dynamic thresholding is a no-op
     cond, text = inputs(2, 6, 5)
-    out = perfect_diffusion(x0, DiffusionConfig(timesteps=100, prediction=prediction)).sample(
+    out = perfect_diffusion(x0, DiffusionConfig(timesteps=100, prediction=prediction, target="grid")).sample(
         cond, text, num_frames=3, sampler=SamplerConfig(sampler=kind, steps=10)
     )
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
@@ -198,13 +249,13 @@ def test_dynamic_thresholding_follows_the_official_rule(kind: str) -> None:
 
     cond, text = inputs(2, 6, 5)
     sampler = SamplerConfig(sampler=kind, steps=10)
-    out = perfect_diffusion(x0, DiffusionConfig(timesteps=100)).sample(
+    out = perfect_diffusion(x0, DiffusionConfig(timesteps=100, target="grid")).sample(
         cond, text, num_frames=3, sampler=sampler
     )
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
 
     # percentile 1.0 turns thresholding off, and no static clipping takes its place
-    off = DiffusionConfig(timesteps=100, threshold_percentile=1.0)
+    off = DiffusionConfig(timesteps=100, threshold_percentile=1.0, target="grid")
     out = perfect_diffusion(x0, off).sample(cond, text, num_frames=3, sampler=sampler)
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
 
@@ -264,7 +315,7 @@ def reference_ddim(
 )
 def test_guidance_batches_rows_and_combines_them(g: float, drops: list[bool]) -> None:
     # g = 1: conditional rows only; g = 0: null rows only; otherwise both, stacked in one call per step
-    denoiser, cfg, steps = TinyDenoiser(), DiffusionConfig(timesteps=30), 3
+    denoiser, cfg, steps = TinyDenoiser(), DiffusionConfig(timesteps=30, target="grid"), 3
     recorder = Recorder(denoiser)
     cond, text = inputs(2, 6, 5)
     sampler = SamplerConfig(sampler="ddim", steps=steps, guidance=g)
