@@ -163,7 +163,7 @@ class DiffusionConfig(Section):
     timesteps: int = Field(1000, ge=2)
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"  # cosine
     # what the U-Net predicts: ε (paper, Eq. 7) or v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho), diffusers' names
-    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
     null_prob: float = Field(0.1, ge=0, le=1)  # null-condition dropout (classifier-free guidance training)
     threshold_percentile: float = Field(0.9, gt=0, le=1)  # dynamic thresholding (Imagen); 1.0 = off
     # what is diffused: "grid" = the absolute sampling grid (paper, official code); "displacement" = grid −
@@ -204,7 +204,7 @@ class DMConfig(Section):
 class TrainDMConfig(Section):
     steps: int = Field(600, ge=1)
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
     milestones: tuple[float, ...] = (0.67, 0.83)  # fractions of `steps` (paper: epochs 800, 1000 of 1200)
     gamma: float = Field(0.1, gt=0)

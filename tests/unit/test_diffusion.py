@@ -114,7 +114,7 @@ def test_alphas_cumprod_is_a_non_persistent_buffer() -> None:
 
 
 def test_add_noise_is_inverted_by_the_true_noise() -> None:
-    diffusion = FlowDiffusion(nn.Identity(), DiffusionConfig())
+    diffusion = FlowDiffusion(nn.Identity(), DiffusionConfig(prediction="epsilon"))
     x0, noise = torch.randn(4, 3, 2, 4, 4), torch.randn(4, 3, 2, 4, 4)
     t = torch.tensor([0, 1, 500, 998])
     x_t = diffusion.add_noise(x0, noise, t)

@@ -46,7 +46,7 @@ def test_lfae_learns_to_reconstruct_a_shifted_frame_pair():
 def test_diffusion_model_fits_one_flow_sequence():
     torch.manual_seed(0)
     cfg = UNetConfig(dim=16, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8)
-    diffusion = FlowDiffusion(Unet3D(cfg, cond_channels=4, text_dim=6, latent_size=8), DiffusionConfig(null_prob=0.0))
+    diffusion = FlowDiffusion(Unet3D(cfg, cond_channels=4, text_dim=6, latent_size=8), DiffusionConfig(null_prob=0.0, prediction="epsilon", target="grid"))
     x0 = torch.tanh(torch.randn(1, 3, 4, 8, 8)).expand(8, -1, -1, -1, -1)  # one sequence, batch of 8 noise draws
     cond, text = torch.randn(8, 4, 8, 8), torch.randn(1, 6).expand(8, -1)
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=2e-3)
