@@ -150,6 +150,9 @@ class UNetConfig(Section):
     rel_pos_buckets: int = Field(32, ge=1)
     rel_pos_max_distance: int = Field(32, ge=1)
     null_embedding: Literal["zero", "learned"] = "zero"  # official: zero (MUG/MHAD), learned (NATOPS)
+    # add each frame's index to its FiLM conditioning (not in the paper: there only the relative temporal
+    # attention bias tells frames apart, and frame 0, whose flow is the identity, is hard to find)
+    frame_embedding: bool = True
 
     @field_validator("dim_mults")
     @classmethod
@@ -209,6 +212,9 @@ class TrainDMConfig(Section):
     milestones: tuple[float, ...] = (0.67, 0.83)  # fractions of `steps` (paper: epochs 800, 1000 of 1200)
     gamma: float = Field(0.1, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
+    # EMA of the weights, saved as the model: decay 1 − (1 + step)^(−2/3) (diffusers' warm-up, so it suits
+    # 600 CPU steps and 100k GPU steps alike) capped at this value; 0 = off (official code: no EMA)
+    ema_max_decay: float = Field(0.9999, ge=0, lt=1)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)

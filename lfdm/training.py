@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -63,7 +64,7 @@ def forever(loader: DataLoader) -> Iterator:
 
 
 class TrainingState:
-    """Model + optimizer + LR schedule + step + logged history, saved atomically while training and
+    """Model + optimizer + LR schedule (+ EMA) + step + logged history, saved atomically while training and
     resumed after an interruption when the config matches (the history comes back too, so loss curves
     survive). A finished run removes it (:meth:`finish`): re-running a stage trains afresh.
 
@@ -78,8 +79,10 @@ class TrainingState:
         optimizer: torch.optim.Optimizer,
         schedule: torch.optim.lr_scheduler.LRScheduler,
         config: Mapping[str, Any],
+        ema: EMAModel | None = None,
     ) -> None:
         self.path, self.model, self.optimizer, self.schedule = Path(path), model, optimizer, schedule
+        self.ema = ema
         self.config = dict(config)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -97,6 +100,9 @@ class TrainingState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+            self.ema.to(next(self.model.parameters()).device)
         self.step = int(state["step"])
         self.history = list(state["history"])
         _say(f"{self.path}: resumed at step {self.step}")
@@ -129,6 +135,7 @@ class TrainingState:
             model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(),
             schedule=self.schedule.state_dict(),
+            ema=self.ema.state_dict() if self.ema is not None else None,
             step=self.step,
             config=self.config,
             history=self.history,

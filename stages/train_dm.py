@@ -1,7 +1,8 @@
 """train_dm: stage two — the conditional 3D U-Net diffusion model over latent flow + occlusion.
 
-Reads only the Zarr flow store and the label embeddings. ε-prediction MSE, cosine schedule,
-null-condition dropout; resumes from ``<paths.checkpoints>/train_dm.pt`` after an interruption.
+Reads only the Zarr flow store and the label embeddings. ε- (or v-) prediction MSE, cosine schedule,
+null-condition dropout; the saved model is the EMA of the weights (``train_dm.ema_max_decay``; 0 = the
+last weights); resumes from ``<paths.checkpoints>/train_dm.pt`` after an interruption.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from diffusers.training_utils import EMAModel
 
 from lfdm import distributed
 from lfdm.config import Params
@@ -45,8 +48,9 @@ def run(p: Params) -> dict[str, float]:
     diffusion.to(device)
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr, betas=cfg.betas)
     schedule = multistep_schedule(optimizer, cfg.steps, cfg.milestones, cfg.gamma)
+    ema = EMAModel(diffusion.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True) if cfg.ema_max_decay else None
     config = p.model_dump(mode="json", include={"seed", "dm", "train_dm"}) | {"flows": asdict(attrs)}
-    state = TrainingState(Path(p.paths.checkpoints) / "train_dm.pt", diffusion, optimizer, schedule, config)
+    state = TrainingState(Path(p.paths.checkpoints) / "train_dm.pt", diffusion, optimizer, schedule, config, ema)
     state.resume()
     parallel = distributed.wrap(diffusion, device)  # its forward is the loss; `diffusion` is what is saved
 
@@ -65,6 +69,8 @@ def run(p: Params) -> dict[str, float]:
                 torch.nn.utils.clip_grad_norm_(diffusion.parameters(), cfg.grad_clip)
             optimizer.step()
             schedule.step()
+            if ema is not None:
+                ema.step(diffusion.parameters())
             state.step += 1
             bar.update()
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
@@ -74,6 +80,8 @@ def run(p: Params) -> dict[str, float]:
             if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
                 state.save()
 
+    if ema is not None:
+        ema.copy_to(diffusion.parameters())
     if distributed.is_main():
         save_dm(
             p.paths.dm, diffusion, p.dm, cond_channels=attrs.latent_channels, text_dim=text_dim,

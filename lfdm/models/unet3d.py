@@ -9,7 +9,8 @@ applied to each frame independently.
 Conditioning: the first frame's latent z0 is concatenated with the noisy input on channels; the
 timestep embedding is concatenated with the text embedding e (or the null embedding ∅ on rows where
 ``drop_text`` is set, for null-condition dropout and classifier-free guidance) and modulates every
-ResnetBlock through FiLM.
+ResnetBlock through FiLM. With ``frame_embedding`` each frame also adds an embedding of its index k to
+the time part, so every layer knows which frame it works on (frame 0 is x0 itself: identity flow).
 """
 
 from __future__ import annotations
@@ -182,6 +183,9 @@ class Unet3D(nn.Module):
             SinusoidalPosEmb(dim), nn.Linear(2 * (dim // 2), 4 * dim), nn.GELU(), nn.Linear(4 * dim, 4 * dim)
         )
         cond_dim = 4 * dim + text_dim
+        self.frame_mlp = (
+            nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(2 * (dim // 2), 4 * dim)) if cfg.frame_embedding else None
+        )
         self.null_text = nn.Parameter(torch.randn(text_dim)) if cfg.null_embedding == "learned" else None
 
         attn = {"heads": cfg.attn_heads, "dim_head": cfg.attn_dim_head}
@@ -244,8 +248,10 @@ class Unet3D(nn.Module):
         if drop_text is not None:
             null = self.null_text if self.null_text is not None else text_emb.new_zeros(())
             text_emb = torch.where(drop_text[:, None], null, text_emb)
-        time = self.time_mlp(torch.as_tensor(t, device=x.device).expand(b))
-        emb = repeat(torch.cat((time, text_emb), dim=-1), "b d -> (b k) d", k=k)
+        time = repeat(self.time_mlp(torch.as_tensor(t, device=x.device).expand(b)), "b d -> b k d", k=k)
+        if self.frame_mlp is not None:
+            time = time + self.frame_mlp(torch.arange(k, device=x.device))
+        emb = torch.cat((time, repeat(text_emb, "b d -> b k d", k=k)), dim=-1).flatten(0, 1)  # (b·k, d)
         # one relative position bias per forward, shared by every temporal attention layer
         bias = self.rel_pos(k, x.device) if self.rel_pos is not None else None
 

@@ -71,3 +71,34 @@ def test_bad_checkpoints_name_the_file(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt could not be read"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_training_state_resumes_the_ema_of_the_weights(tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    from lfdm.training import TrainingState
+
+    def fresh() -> tuple[TrainingState, torch.nn.Module, EMAModel]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, 10)
+        ema = EMAModel(model.parameters(), decay=0.99, use_ema_warmup=True)
+        return TrainingState(tmp_path / "state.pt", model, optimizer, schedule, {"a": 1}, ema), model, ema
+
+    state, model, ema = fresh()
+    for _ in range(3):
+        model(torch.randn(8, 4)).square().mean().backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        ema.step(model.parameters())
+        state.step += 1
+    state.save()
+    shadow = [p.clone() for p in ema.shadow_params]
+    assert any(not torch.equal(s, p) for s, p in zip(shadow, model.parameters()))  # the EMA lags the weights
+
+    resumed, _, resumed_ema = fresh()
+    assert resumed.resume() and resumed.step == 3
+    assert resumed_ema.optimization_step == 3  # the warm-up continues where it stopped
+    for saved, loaded in zip(shadow, resumed_ema.shadow_params, strict=True):
+        torch.testing.assert_close(loaded, saved)

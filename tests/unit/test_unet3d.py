@@ -102,6 +102,15 @@ def test_only_temporal_attention_mixes_frames(temporal: bool) -> None:
     assert differs(out[:, :, -1], out_perturbed[:, :, -1]) == temporal
 
 
+@pytest.mark.parametrize("frame_embedding", [True, False])
+def test_frame_embedding_tells_identical_frames_apart(frame_embedding: bool) -> None:
+    # no temporal attention: without the frame embedding nothing tells one frame from another
+    model, x = make(temporal_attn=False, frame_embedding=frame_embedding), inputs()
+    x["x"] = x["x"][:, :, :1].expand(-1, -1, K, -1, -1)
+    out = model(**x)
+    assert differs(out[:, :, 0], out[:, :, -1]) == frame_embedding
+
+
 def test_relative_position_bias_computed_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = unet3d.relative_position_bucket
