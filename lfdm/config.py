@@ -172,6 +172,9 @@ class DiffusionConfig(Section):
     # what is diffused: "grid" = the absolute sampling grid (paper, official code); "displacement" = grid −
     # identity over a scale train_dm measures on the training flows (lfdm.diffusion.FlowDiffusion)
     target: Literal["grid", "displacement"] = "displacement"
+    # Min-SNR-γ loss weighting (Hang et al. 2023): each sample's MSE × min(SNR_t, γ) / SNR_t (ε) or
+    # / (SNR_t + 1) (v), so the easy low-noise steps stop dominating the gradient; null = plain MSE (paper)
+    min_snr_gamma: float | None = Field(None, gt=0)
 
 
 class SamplerConfig(Section):

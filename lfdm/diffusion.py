@@ -156,7 +156,8 @@ class FlowDiffusion(nn.Module):
         text_emb: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Eq. 7: ``‖ε − ε_θ(x_t, t, z0, y)‖²`` averaged (v in place of ε for v-prediction), for ``x0 (B, 3, K, H, W)``, ``cond (B, Cz, H, W)``,
+        """Eq. 7: ``‖ε − ε_θ(x_t, t, z0, y)‖²`` averaged (v in place of ε for v-prediction; each sample
+        weighted by :meth:`min_snr_weight` when ``cfg.min_snr_gamma`` is set), for ``x0 (B, 3, K, H, W)``, ``cond (B, Cz, H, W)``,
         ``text_emb (B, D)``. Each row's text is dropped to the null embedding with prob ``cfg.null_prob``.
         ``generator`` (on ``x0``'s device) makes t, ε and the dropout reproducible."""
         x0 = self.to_target(x0)
@@ -166,7 +167,17 @@ class FlowDiffusion(nn.Module):
         drop = torch.rand(b, generator=generator, device=device) < self.cfg.null_prob
         pred = self.denoiser(self.add_noise(x0, noise, t), t, cond, text_emb, drop)
         target = noise if self.cfg.prediction == "epsilon" else self.velocity(x0, noise, t)
-        return F.mse_loss(pred.float(), target.float())
+        if self.cfg.min_snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return (per_sample * self.min_snr_weight(t)).mean()
+
+    def min_snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ weights ``(B,)``: min(SNR_t, γ) / SNR_t for ε-prediction, / (SNR_t + 1) for v-prediction
+        (the same weight on x̂0's error in both)."""
+        a = self.alphas_cumprod[t].float()
+        snr = a / (1 - a)
+        return snr.clamp(max=self.cfg.min_snr_gamma) / (snr if self.cfg.prediction == "epsilon" else snr + 1)
 
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v = √ᾱ_t ε − √(1−ᾱ_t) x0, the v-prediction target."""

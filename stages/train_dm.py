@@ -11,9 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from diffusers.training_utils import EMAModel
+from tqdm import tqdm
 
 from lfdm import distributed
 from lfdm.config import Params

@@ -200,6 +200,24 @@ def test_loss_is_reproducible_with_a_generator() -> None:
     assert not torch.equal(first, diffusion.loss(x0, cond, text, generator=seeded(4)))
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_scales_each_samples_error(prediction: str) -> None:
+    cfg = DiffusionConfig(timesteps=100, prediction=prediction, target="grid", min_snr_gamma=5.0)
+    diffusion = FlowDiffusion(ZeroDenoiser(), cfg)
+    x0, (cond, text) = torch.randn(6, 3, 3, 6, 5), inputs(6)
+    loss = diffusion.loss(x0, cond, text, generator=seeded(3))
+    generator = seeded(3)  # the loss draws t, then ε, from its generator
+    t = torch.randint(0, 100, (6,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    target = noise if prediction == "epsilon" else diffusion.velocity(x0, noise, t)
+    a = diffusion.alphas_cumprod[t]
+    snr = a / (1 - a)
+    weight = torch.minimum(snr, torch.tensor(5.0)) / (snr if prediction == "epsilon" else snr + 1)
+    torch.testing.assert_close(loss, (target.square().flatten(1).mean(1) * weight).mean())
+    every = diffusion.min_snr_weight(torch.arange(100))
+    assert every.max() <= 1 and every[0] < 0.1  # the easy low-noise steps count less
+
+
 @pytest.mark.parametrize(("p", "lo", "hi"), [(0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (0.5, 0.4, 0.6)])
 def test_null_condition_dropout_rate(p: float, lo: float, hi: float) -> None:
     recorder = Recorder(TinyDenoiser())
