@@ -78,7 +78,10 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path):
     project = make_project(tmp_path / "project", {
         "tracking": {"experiment": "ddp", "uri": f"sqlite:///{tmp_path}/mlflow.db"},
         "train_lfae": {"steps": 4, "batch_size": 4, "equivariance": {"weight": 0}},
-        "train_dm": {"steps": 4, "batch_size": 2},
+        "train_dm": {"steps": 4, "batch_size": 2, "lr": 2e-4},
+        # ε-prediction: at the zero-initialised output its loss is ≈ 1 whatever timesteps each process
+        # draws; the v-prediction loss ranges from |x0|² to 1 with t, so 2-sample batches would not compare
+        "dm": {"diffusion": {"prediction": "epsilon"}},
     })
     env = service_env(tmp_path)
     stage(project, "preprocess", env)
