@@ -7,8 +7,9 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
-from lfdm.config import ParamsError, SamplerConfig, load_params
+from lfdm.config import ParamsError, SamplerConfig, SamplerName, load_params
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--image", required=True)
     gen.add_argument("--label", required=True, help="any text, e.g. 'zoom in' or 'pan to the left'")
     gen.add_argument("--out", required=True, help="output video, .mp4 or .gif")
-    gen.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver++"])
+    gen.add_argument("--sampler", choices=get_args(SamplerName))
     gen.add_argument("--steps", type=int)
     gen.add_argument("--guidance", type=float, help="classifier-free guidance g (1 = conditional, 0 = stochastic)")
     gen.add_argument("--seed", type=int, default=0)

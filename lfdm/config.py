@@ -177,8 +177,11 @@ class DiffusionConfig(Section):
     min_snr_gamma: float | None = Field(None, gt=0)
 
 
+SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
+
+
 class SamplerConfig(Section):
-    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
+    sampler: SamplerName = "ddim"
     steps: int = Field(25, ge=1)
     guidance: float = Field(1.0, ge=0)  # g in Eq. 4: 1 = conditional only, 0 = null only (stochastic)
     eta: float = Field(0.0, ge=0, le=1)  # DDIM stochasticity

@@ -54,7 +54,8 @@ def make_scheduler(sampler: SamplerConfig, cfg: DiffusionConfig) -> SchedulerMix
     ``"ddpm"`` is ancestral sampling over all ``cfg.timesteps`` steps (the official default); it ignores
     ``sampler.steps``, since skipping steps is what DDIM and DPM-Solver++ are for. ``"ddim"`` uses
     ``sampler.steps`` steps with η = ``sampler.eta`` (passed to ``step``); ``"dpmsolver++"`` is the
-    second-order multistep DPM-Solver++ with ``sampler.steps`` steps.
+    second-order multistep DPM-Solver++ with ``sampler.steps`` steps, ``"sde-dpmsolver++"`` its stochastic
+    (SDE) form, k-diffusion's DPM++ 2M SDE, which draws fresh noise each step as DDPM does.
 
     All three apply dynamic thresholding (Imagen) to x̂0 unless ``cfg.threshold_percentile == 1``, in which
     case x̂0 is neither thresholded nor clipped.
@@ -84,7 +85,7 @@ def make_scheduler(sampler: SamplerConfig, cfg: DiffusionConfig) -> SchedulerMix
         )
     return DPMSolverMultistepScheduler(
         **common,
-        algorithm_type="dpmsolver++",
+        algorithm_type=sampler.sampler,
         solver_order=2,  # the order recommended for guided sampling
         final_sigmas_type="zero",  # the last step lands on σ = 0, i.e. returns x̂0
         lambda_min_clipped=DPM_SOLVER_LAMBDA_MIN,
@@ -206,7 +207,7 @@ class FlowDiffusion(nn.Module):
         Classifier-free guidance (Eq. 4): ``ε̂ = ε(∅) + g·(ε(y) − ε(∅))`` with ``g = sampler.guidance``, the
         conditional and null rows stacked into one denoiser call per step; g = 1 runs only the conditional
         rows and g = 0 only the null rows. ``generator`` must live on ``cond``'s device; it draws the start
-        noise and the scheduler's per-step noise (DDPM, DDIM with η > 0), so a seed fixes the output.
+        noise and the scheduler's per-step noise (DDPM, DDIM with η > 0, SDE-DPM-Solver++), so a seed fixes the output.
         """
         b, (h, w) = cond.shape[0], cond.shape[-2:]
         scheduler = make_scheduler(sampler, self.cfg)

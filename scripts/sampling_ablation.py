@@ -20,17 +20,20 @@ from pathlib import Path
 
 from lfdm.config import load_params
 
-# every row sets sampler, steps and guidance, so no row inherits another's settings
+# every row sets sampler, steps, guidance and η, so no row inherits another's settings
 ROWS: dict[str, dict[str, object]] = {
-    "ddpm-1000": {"sampler": "ddpm", "steps": 1000, "guidance": 1.0},
-    "ddim-10": {"sampler": "ddim", "steps": 10, "guidance": 1.0},
-    "ddim-25": {"sampler": "ddim", "steps": 25, "guidance": 1.0},
-    "ddim-100": {"sampler": "ddim", "steps": 100, "guidance": 1.0},
-    "dpmsolver++-10": {"sampler": "dpmsolver++", "steps": 10, "guidance": 1.0},
-    "dpmsolver++-20": {"sampler": "dpmsolver++", "steps": 20, "guidance": 1.0},
-    "ddim-25-g1.1": {"sampler": "ddim", "steps": 25, "guidance": 1.1},
-    "ddim-25-g5": {"sampler": "ddim", "steps": 25, "guidance": 5.0},
-    "ddim-25-stochastic": {"sampler": "ddim", "steps": 25, "guidance": 0.0},
+    "ddpm-1000": {"sampler": "ddpm", "steps": 1000, "guidance": 1.0, "eta": 0.0},
+    "ddim-10": {"sampler": "ddim", "steps": 10, "guidance": 1.0, "eta": 0.0},
+    "ddim-25": {"sampler": "ddim", "steps": 25, "guidance": 1.0, "eta": 0.0},
+    "ddim-100": {"sampler": "ddim", "steps": 100, "guidance": 1.0, "eta": 0.0},
+    "ddim-20-eta1": {"sampler": "ddim", "steps": 20, "guidance": 1.0, "eta": 1.0},
+    "dpmsolver++-10": {"sampler": "dpmsolver++", "steps": 10, "guidance": 1.0, "eta": 0.0},
+    "dpmsolver++-20": {"sampler": "dpmsolver++", "steps": 20, "guidance": 1.0, "eta": 0.0},
+    "sde-dpmsolver++-10": {"sampler": "sde-dpmsolver++", "steps": 10, "guidance": 1.0, "eta": 0.0},
+    "sde-dpmsolver++-20": {"sampler": "sde-dpmsolver++", "steps": 20, "guidance": 1.0, "eta": 0.0},
+    "ddim-25-g1.1": {"sampler": "ddim", "steps": 25, "guidance": 1.1, "eta": 0.0},
+    "ddim-25-g5": {"sampler": "ddim", "steps": 25, "guidance": 5.0, "eta": 0.0},
+    "ddim-25-stochastic": {"sampler": "ddim", "steps": 25, "guidance": 0.0, "eta": 0.0},
 }
 
 

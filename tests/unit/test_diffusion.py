@@ -13,7 +13,7 @@ from lfdm.diffusion import DISPLACEMENT_QUANTILE, FlowDiffusion, make_scheduler
 from lfdm.models.warp import identity_grid
 
 CZ, D = 4, 6  # latent (cond) channels, text embedding size
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
 
 
 class TinyDenoiser(nn.Module):
@@ -278,7 +278,7 @@ def test_dynamic_thresholding_follows_the_official_rule(kind: str) -> None:
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize(("kind", "eta"), [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize(("kind", "eta"), [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("sde-dpmsolver++", 0.0)])
 def test_sampling_is_reproducible_with_a_seed(kind: str, eta: float) -> None:
     diffusion = FlowDiffusion(TinyDenoiser(), DiffusionConfig(timesteps=20))
     cond, text = inputs()
