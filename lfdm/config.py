@@ -328,7 +328,7 @@ class Params(Section):
             if not self.finetune_decoder.root:
                 raise ValueError("finetune_decoder.root: the new domain's directory is needed when fine-tuning is enabled")
             try:
-                self.finetune_data
+                _ = self.finetune_data  # validates the new domain's data section
             except ValidationError as err:
                 raise ValueError(
                     "finetune_decoder: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 from collections import Counter
@@ -186,7 +187,7 @@ def test_embedded_motion_is_smooth(default_clips):
     """A pan moves the picture a little at every frame (sub-pixel rendering, no jumps), a lot over the clip."""
     for clip in [c for c in default_clips if c.label == "pan right"][:4]:
         gray = [_gray(f) for f in clip.frames]
-        steps = [abs(_phase_shift(a, b)[0]) for a, b in zip(gray, gray[1:])]
+        steps = [abs(_phase_shift(a, b)[0]) for a, b in itertools.pairwise(gray)]
         assert max(steps) <= 3 and abs(_phase_shift(gray[0], gray[-1])[0]) >= 6, (clip.video_id, steps)
 
 

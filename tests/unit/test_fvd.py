@@ -14,13 +14,13 @@ from lfdm.metrics import (
     I3D,
     I3DFeatures,
     NumpyUnpickler,
+    feature_frechet_distance,
+    feature_statistics,
     frechet_distance,
     fvd,
-    feature_frechet_distance,
     group_fvds,
     grouped_fvd,
     load_i3d,
-    feature_statistics,
 )
 from lfdm.metrics.i3d import i3d_weights_path, load_i3d_state_dict
 
