@@ -29,7 +29,8 @@ def generate(args: argparse.Namespace) -> int:
     p = load_params(args.params)
     sampler = SamplerConfig(
         sampler=args.sampler or p.sample.sampler, steps=args.steps or p.sample.steps,
-        guidance=p.sample.guidance if args.guidance is None else args.guidance, eta=p.sample.eta,
+        guidance=p.sample.guidance if args.guidance is None else args.guidance,
+        eta=p.sample.eta if args.eta is None else args.eta,
     )
     device = resolve_device(args.device or p.device)
     pipe = LFDMPipeline.from_checkpoints(
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--sampler", choices=get_args(SamplerName))
     gen.add_argument("--steps", type=int)
     gen.add_argument("--guidance", type=float, help="classifier-free guidance g (1 = conditional, 0 = stochastic)")
+    gen.add_argument("--eta", type=float, help="DDIM η (1 = stochastic like DDPM, 0 = deterministic)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--fps", type=int, default=8)
     gen.add_argument("--device")

@@ -182,9 +182,9 @@ SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
 
 class SamplerConfig(Section):
     sampler: SamplerName = "ddim"
-    steps: int = Field(25, ge=1)
+    steps: int = Field(20, ge=1)
     guidance: float = Field(1.0, ge=0)  # g in Eq. 4: 1 = conditional only, 0 = null only (stochastic)
-    eta: float = Field(0.0, ge=0, le=1)  # DDIM stochasticity
+    eta: float = Field(1.0, ge=0, le=1)  # DDIM stochasticity: 1 = fresh noise each step (as DDPM), 0 = deterministic
 
 
 class SampleConfig(SamplerConfig):
