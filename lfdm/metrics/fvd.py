@@ -8,7 +8,8 @@ Protocol (StyleGAN-V's ``compute_fvd`` with ``rescale=True, resize=True``, the U
   [-1, 1] (the I3D input range);
 * features: the 400 Kinetics-400 logits of RGB I3D (:mod:`lfdm.metrics.i3d`, before the softmax),
   float64; statistics are the mean and the unbiased covariance (``np.cov``);
-* distance: ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½) with ``scipy.linalg.sqrtm``.
+* distance: ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½), the trace of the root from scipy's symmetric
+  eigensolver (:func:`frechet_distance`).
 
 The paper (Sec. 4.1/4.2) samples 10,000 videos of 40 frames at 128² (64² for the 64-pixel models) and
 resizes the real videos to the generated volume first, so real and fake must share T and H×W. Its
