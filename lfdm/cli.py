@@ -28,7 +28,7 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: the video must end in .mp4 or .gif")
     p = load_params(args.params)
     sampler = SamplerConfig(
-        sampler=args.sampler or p.sample.sampler, steps=args.steps or p.sample.steps,
+        sampler=args.sampler or p.sample.sampler, steps=p.sample.steps if args.steps is None else args.steps,
         guidance=p.sample.guidance if args.guidance is None else args.guidance,
         eta=p.sample.eta if args.eta is None else args.eta,
     )

@@ -419,3 +419,14 @@ def test_natops_bad_segmentation(tmp_path, text, match) -> None:
 def test_impossible_params(data, match) -> None:
     with pytest.raises(ParamsError, match=match):
         parse_params({"data": data}, "params.yaml")
+
+
+@pytest.mark.parametrize(("option", "value"), [("--eta", "2"), ("--steps", "0"), ("--guidance", "-1")])
+def test_generate_rejects_out_of_range_sampler_options(tmp_path, capsys, option, value) -> None:
+    from lfdm.cli import main
+
+    params = Path(__file__).parents[2] / "params.yaml"
+    argv = ["--params", str(params), "generate", "--image", str(tmp_path / "x.png"), "--label", "zoom in",
+            "--out", str(tmp_path / "x.gif"), option, value]
+    assert main(argv) == 2
+    assert option.removeprefix("--") in capsys.readouterr().err
