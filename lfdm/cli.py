@@ -27,11 +27,8 @@ def generate(args: argparse.Namespace) -> int:
     if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"--out {args.out}: the video must end in .mp4 or .gif")
     p = load_params(args.params)
-    sampler = SamplerConfig(
-        sampler=args.sampler or p.sample.sampler, steps=p.sample.steps if args.steps is None else args.steps,
-        guidance=p.sample.guidance if args.guidance is None else args.guidance,
-        eta=p.sample.eta if args.eta is None else args.eta,
-    )
+    options = {name: value for name in SamplerConfig.model_fields if (value := getattr(args, name)) is not None}
+    sampler = SamplerConfig.model_validate(p.sample.model_dump(include=set(SamplerConfig.model_fields)) | options)
     device = resolve_device(args.device or p.device)
     pipe = LFDMPipeline.from_checkpoints(
         args.lfae or sampling_lfae_path(p), args.dm or p.paths.dm, p.paths.embeddings, p.text, device

@@ -57,7 +57,7 @@ def make_scheduler(sampler: SamplerConfig, cfg: DiffusionConfig) -> SchedulerMix
     second-order multistep DPM-Solver++ with ``sampler.steps`` steps, ``"sde-dpmsolver++"`` its stochastic
     (SDE) form, k-diffusion's DPM++ 2M SDE, which draws fresh noise each step as DDPM does.
 
-    All three apply dynamic thresholding (Imagen) to x̂0 unless ``cfg.threshold_percentile == 1``, in which
+    All of them apply dynamic thresholding (Imagen) to x̂0 unless ``cfg.threshold_percentile == 1``, in which
     case x̂0 is neither thresholded nor clipped.
     """
     common: dict[str, Any] = {

@@ -20,20 +20,25 @@ from pathlib import Path
 
 from lfdm.config import load_params
 
-# every row sets sampler, steps, guidance and η, so no row inherits another's settings
+
+def row(sampler: str, steps: int, guidance: float = 1.0, eta: float = 0.0) -> dict[str, object]:
+    """One row's `sample` settings; every row sets all four, so no row inherits another's."""
+    return {"sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta}
+
+
 ROWS: dict[str, dict[str, object]] = {
-    "ddpm-1000": {"sampler": "ddpm", "steps": 1000, "guidance": 1.0, "eta": 0.0},
-    "ddim-10": {"sampler": "ddim", "steps": 10, "guidance": 1.0, "eta": 0.0},
-    "ddim-25": {"sampler": "ddim", "steps": 25, "guidance": 1.0, "eta": 0.0},
-    "ddim-100": {"sampler": "ddim", "steps": 100, "guidance": 1.0, "eta": 0.0},
-    "ddim-20-eta1": {"sampler": "ddim", "steps": 20, "guidance": 1.0, "eta": 1.0},
-    "dpmsolver++-10": {"sampler": "dpmsolver++", "steps": 10, "guidance": 1.0, "eta": 0.0},
-    "dpmsolver++-20": {"sampler": "dpmsolver++", "steps": 20, "guidance": 1.0, "eta": 0.0},
-    "sde-dpmsolver++-10": {"sampler": "sde-dpmsolver++", "steps": 10, "guidance": 1.0, "eta": 0.0},
-    "sde-dpmsolver++-20": {"sampler": "sde-dpmsolver++", "steps": 20, "guidance": 1.0, "eta": 0.0},
-    "ddim-25-g1.1": {"sampler": "ddim", "steps": 25, "guidance": 1.1, "eta": 0.0},
-    "ddim-25-g5": {"sampler": "ddim", "steps": 25, "guidance": 5.0, "eta": 0.0},
-    "ddim-25-stochastic": {"sampler": "ddim", "steps": 25, "guidance": 0.0, "eta": 0.0},
+    "ddpm-1000": row("ddpm", 1000),
+    "ddim-10": row("ddim", 10),
+    "ddim-25": row("ddim", 25),
+    "ddim-100": row("ddim", 100),
+    "ddim-20-eta1": row("ddim", 20, eta=1.0),
+    "dpmsolver++-10": row("dpmsolver++", 10),
+    "dpmsolver++-20": row("dpmsolver++", 20),
+    "sde-dpmsolver++-10": row("sde-dpmsolver++", 10),
+    "sde-dpmsolver++-20": row("sde-dpmsolver++", 20),
+    "ddim-25-g1.1": row("ddim", 25, guidance=1.1),
+    "ddim-25-g5": row("ddim", 25, guidance=5.0),
+    "ddim-25-stochastic": row("ddim", 25, guidance=0.0),
 }
 
 
