@@ -119,6 +119,8 @@ class PerceptualConfig(Section):
 class TrainLFAEConfig(Section):
     # an LFAE checkpoint to start from (its lfae section must equal ours); null trains from scratch
     init: str | None = "assets/lfae-embedded-64.pt"
+    # keep the warm start's flow fixed (Φ, Ω and the occlusion head train); the paper trains F jointly
+    freeze_motion: bool = True
     steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -131,6 +133,13 @@ class TrainLFAEConfig(Section):
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     nproc: int = Field(1, ge=1)  # torchrun processes
+
+    @model_validator(mode="after")
+    def _frozen_motion_needs_a_warm_start(self) -> TrainLFAEConfig:
+        if self.freeze_motion and not self.init:
+            raise ValueError("freeze_motion: true keeps the warm start's flow fixed, so it needs train_lfae.init "
+                             "(set freeze_motion: false to train from scratch)")
+        return self
 
 
 # ----------------------------------------------------------------------------------- stage two: DM

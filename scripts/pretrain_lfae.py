@@ -9,13 +9,15 @@ are rendered with a known camera, so the exact flow between two frames is known
 
 1. ``--flow-steps``: F alone, L1 between its flow and the exact flow (0.18 s/step on one CPU thread).
 2. ``--steps``: the whole LFAE with the paper's losses (perceptual pyramid + equivariance) plus
-   ``--flow-weight`` × that L1, so Ω learns to render from the flows F now gives.
+   ``--flow-weight`` × that L1, so Ω learns to render from the flows F now gives. With
+   ``train_lfae.freeze_motion`` (the default) F's flow stays as phase 1 left it and Φ, Ω and the
+   occlusion head learn from the perceptual loss alone, as in the pipeline's ``train_lfae``.
 
 The pipeline's ``train_lfae`` then fine-tunes the result with the paper's losses alone. The checkpoint is
 written every ``--save-every`` steps, so a long run can be inspected (scripts/probe_flow.py) while it
 goes on. An unsupervised pretraining is just a longer ``train_lfae`` (``dvc exp run -S train_lfae.steps=N``).
 
-    python scripts/pretrain_lfae.py --flow-steps 12000 --steps 1000 --out assets/lfae-embedded-64.pt
+    python scripts/pretrain_lfae.py --flow-steps 16000 --steps 1000 --out assets/lfae-embedded-64.pt
 """
 
 from __future__ import annotations
@@ -67,7 +69,12 @@ def train(model: LatentFlowAutoEncoder, loader: DataLoader, p: Params, args: arg
         return
     trained = model if full else model.flow_predictor
     perceptual = PerceptualLoss(cfg.perceptual) if full else None
-    optimizer = torch.optim.Adam(trained.parameters(), lr=args.lr or cfg.lr, betas=cfg.betas)
+    equivariance, flow_weight = cfg.equivariance, args.flow_weight
+    if full and cfg.freeze_motion:
+        model.flow_predictor.freeze_motion()
+        equivariance, flow_weight = equivariance.model_copy(update={"weight": 0.0}), 0.0  # both act on F alone
+    parameters = [q for q in trained.parameters() if q.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=args.lr or cfg.lr, betas=cfg.betas)
     schedule = multistep_schedule(optimizer, steps, cfg.milestones, cfg.gamma)
     model.train()
     batches = forever(loader)
@@ -77,9 +84,9 @@ def train(model: LatentFlowAutoEncoder, loader: DataLoader, p: Params, args: arg
             if full:
                 out = model(batch["source"], batch["driving"])
                 losses = lfae_loss(out["prediction"], batch["driving"], model.flow_predictor.region_predictor,
-                                   out["driving_regions"], perceptual, cfg.equivariance)
+                                   out["driving_regions"], perceptual, equivariance)
                 flow_l1 = (out["flow"] - batch["flow"]).abs().mean()
-                total = losses["total"] + args.flow_weight * flow_l1
+                total = losses["total"] + flow_weight * flow_l1
             else:
                 flow_l1 = (model.flow_predictor(batch["source"], batch["driving"]).flow - batch["flow"]).abs().mean()
                 total = flow_l1
@@ -99,7 +106,7 @@ def train(model: LatentFlowAutoEncoder, loader: DataLoader, p: Params, args: arg
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="the pipeline params to pretrain for")
-    parser.add_argument("--flow-steps", type=int, default=12000, help="steps of F alone on the exact flow")
+    parser.add_argument("--flow-steps", type=int, default=16000, help="steps of F alone on the exact flow")
     parser.add_argument("--steps", type=int, default=1000, help="steps of the whole LFAE afterwards")
     parser.add_argument("--flow-weight", type=float, default=100.0, help="weight of the flow L1 in those steps")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (0: train_lfae.lr)")

@@ -1,8 +1,9 @@
 """train_lfae: stage one — the latent flow auto-encoder on (reference, driving) frame pairs.
 
 Loss: perceptual pyramid + equivariance (MRAA), Adam with MultiStep decay. Starts from the weights of
-``train_lfae.init`` when set (a warm start, as the official code starts from pretrained MRAA). Resumes from
-``<paths.checkpoints>/train_lfae.pt`` when re-run after an interruption with the same params.
+``train_lfae.init`` when set (a warm start, as the official code starts from pretrained MRAA); with
+``train_lfae.freeze_motion`` the warm start's flow stays fixed and only Φ, Ω and the occlusion head learn.
+Resumes from ``<paths.checkpoints>/train_lfae.pt`` when re-run after an interruption with the same params.
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ def run(p: Params) -> dict[str, float]:
     model = LatentFlowAutoEncoder(p.lfae)
     if cfg.init:
         init_lfae(model, cfg.init, p.data.image_size)
+    equivariance = cfg.equivariance
+    if cfg.freeze_motion:
+        model.flow_predictor.freeze_motion()
+        equivariance = equivariance.model_copy(update={"weight": 0.0})  # it trains only the frozen regions
     model = model.to(device)
     perceptual = PerceptualLoss(cfg.perceptual).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, betas=cfg.betas)
     schedule = multistep_schedule(optimizer, cfg.steps, cfg.milestones, cfg.gamma)
     config = p.model_dump(mode="json", include={"seed", "data", "lfae", "train_lfae"})
     state = TrainingState(Path(p.paths.checkpoints) / "train_lfae.pt", model, optimizer, schedule, config)
@@ -54,7 +59,7 @@ def run(p: Params) -> dict[str, float]:
                 out = parallel(source, driving)
                 losses = lfae_loss(
                     out["prediction"], driving, model.flow_predictor.region_predictor,
-                    out["driving_regions"], perceptual, cfg.equivariance,
+                    out["driving_regions"], perceptual, equivariance,
                 )
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()

@@ -453,6 +453,29 @@ class FlowPredictor(nn.Module):
             num_blocks=cfg.flow_num_blocks,
             max_features=cfg.flow_max_features,
         )
+        self.motion_frozen = False
+
+    def motion_modules(self) -> list[nn.Module]:
+        """Everything that decides the flow: region and background predictors, the pixelwise hourglass and
+        its masks (not the occlusion head)."""
+        pixelwise = self.pixelwise_flow_predictor
+        modules = [self.region_predictor, self.background_predictor, pixelwise.hourglass, pixelwise.mask]
+        return [module for module in modules if module is not None]
+
+    def freeze_motion(self) -> None:
+        """Fix the flow: its parameters stop learning and its BatchNorm statistics stop moving (also after a
+        later ``.train()``); the occlusion head still trains on the frozen features."""
+        self.motion_frozen = True
+        for module in self.motion_modules():
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> FlowPredictor:
+        super().train(mode)
+        if self.motion_frozen:
+            for module in self.motion_modules():
+                module.eval()
+        return self
 
     def forward(self, source: Tensor, driving: Tensor) -> FlowOutput:
         """``source, driving (B, 3, H, W)`` in [0, 1] → backward flow from driving to source."""

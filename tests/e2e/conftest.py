@@ -27,7 +27,7 @@ TINY = {
              "region_block_expansion": 8, "region_num_blocks": 2, "region_max_features": 32,
              "flow_block_expansion": 8, "flow_num_blocks": 2, "flow_max_features": 32,
              "bg_block_expansion": 8, "bg_num_blocks": 2, "bg_max_features": 32},
-    "train_lfae": {"init": None, "steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+    "train_lfae": {"init": None, "freeze_motion": False, "steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
     "extract_flow": {"batch_size": 4},
     "dm": {"unet": {"dim": 8, "dim_mults": [1, 2], "resnet_groups": 4, "attn_heads": 2, "attn_dim_head": 8},
            "diffusion": {"timesteps": 50}},

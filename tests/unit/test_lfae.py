@@ -241,6 +241,30 @@ def test_gradients_reach_every_parameter_group():
         assert any(g.abs().sum() > 0 for g in grads), name
 
 
+def test_frozen_motion_keeps_the_flow_while_the_rest_learns():
+    model = LatentFlowAutoEncoder(tiny_cfg()).eval()
+    model.flow_predictor.freeze_motion()
+    source, driving = frames(), frames()
+    with torch.no_grad():
+        before = model(source, driving)
+    model.train()  # must leave F's motion in eval mode, or BatchNorm statistics would move the flow
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    decoder, occlusion = model.decoder.final.weight.clone(), model.flow_predictor.pixelwise_flow_predictor.occlusion.weight.clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        (model(source, driving)["prediction"].mean() + model(source, driving)["occlusion"].mean()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = model.eval()(source, driving)
+    torch.testing.assert_close(after["flow"], before["flow"], rtol=0, atol=0)
+    assert not torch.equal(after["occlusion"], before["occlusion"])
+    assert not torch.equal(model.decoder.final.weight, decoder)
+    assert not torch.equal(model.flow_predictor.pixelwise_flow_predictor.occlusion.weight, occlusion)
+    frozen = {id(q) for m in model.flow_predictor.motion_modules() for q in m.parameters()}
+    assert frozen and frozen.isdisjoint(id(q) for q in trainable)
+
+
 def test_eval_under_no_grad():
     model = LatentFlowAutoEncoder(tiny_cfg()).eval()
     source, driving = frames(), frames()
