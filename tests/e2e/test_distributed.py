@@ -1,5 +1,6 @@
 """Data-parallel training: ``nproc: 2`` runs the stage under torchrun (gloo on this CPU) and trains like one
-process at the same global batch; its checkpoints load in one process; a killed 2-process run resumes."""
+process at the same global batch; its checkpoints load in one process; a frozen F stays frozen across
+processes; a killed 2-process run resumes."""
 
 from __future__ import annotations
 
@@ -119,6 +120,26 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path):
     history = client.get_metric_history(found[0].info.run_id, "loss/total")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(runs[2]["train_lfae"][0])
     assert found[0].data.metrics["steps"] == 4
+
+
+def test_two_processes_keep_a_frozen_motion_fixed(tmp_path):
+    project = make_project(tmp_path / "project", {"tracking": {"enabled": False},
+                                                  "train_lfae": {"steps": 2, "batch_size": 4}})
+    env = service_env(tmp_path)
+    stage(project, "preprocess", env)
+    stage(project, "train_lfae", env)  # a warm start with this config's sizes
+    (project / "data/models/lfae.pt").rename(project / "init.pt")
+    set_params(project, train_lfae={"init": "init.pt", "freeze_motion": True, "nproc": 2})
+    stage(project, "train_lfae", env)
+
+    before, _ = load_lfae(project / "init.pt", torch.device("cpu"))
+    after, _ = load_lfae(project / "data/models/lfae.pt", torch.device("cpu"))
+    for frozen, trained in zip(before.flow_predictor.motion_modules(), after.flow_predictor.motion_modules()):
+        for key, value in frozen.state_dict().items():  # BatchNorm statistics included
+            assert torch.equal(value, trained.state_dict()[key]), key
+    assert not torch.equal(before.decoder.final.weight, after.decoder.final.weight)
+    assert not torch.equal(before.flow_predictor.pixelwise_flow_predictor.occlusion.weight,
+                           after.flow_predictor.pixelwise_flow_predictor.occlusion.weight)
 
 
 def test_killed_two_process_training_resumes_from_its_checkpoint(tmp_path):
