@@ -215,9 +215,11 @@ def equivariance_loss(
     ``affine (B, K, 2, 2)``). ``transform`` overrides the random one drawn from ``cfg``.
 
     shift: ``|μ_d − T(μ_T)|``; affine: ``|I − A_d⁻¹ J_T(μ_T) A_T|``; both means, times ``cfg.weight``.
-    Empty when the weight is 0; no affine term for shift-only regions.
+    Empty when the weight is 0 or the predictor is frozen (the terms train nothing else); no affine term
+    for shift-only regions.
     """
-    if cfg.weight == 0:
+    frozen = isinstance(region_predictor, nn.Module) and not any(q.requires_grad for q in region_predictor.parameters())
+    if cfg.weight == 0 or frozen:
         return {}
     if transform is None:
         transform = RandomTransform.sample(

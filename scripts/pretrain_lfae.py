@@ -69,10 +69,10 @@ def train(model: LatentFlowAutoEncoder, loader: DataLoader, p: Params, args: arg
         return
     trained = model if full else model.flow_predictor
     perceptual = PerceptualLoss(cfg.perceptual) if full else None
-    equivariance, flow_weight = cfg.equivariance, args.flow_weight
+    flow_weight = args.flow_weight
     if full and cfg.freeze_motion:
         model.flow_predictor.freeze_motion()
-        equivariance, flow_weight = equivariance.model_copy(update={"weight": 0.0}), 0.0  # both act on F alone
+        flow_weight = 0.0  # the flow term, like the equivariance loss, would only train the frozen F
     parameters = [q for q in trained.parameters() if q.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=args.lr or cfg.lr, betas=cfg.betas)
     schedule = multistep_schedule(optimizer, steps, cfg.milestones, cfg.gamma)
@@ -84,7 +84,7 @@ def train(model: LatentFlowAutoEncoder, loader: DataLoader, p: Params, args: arg
             if full:
                 out = model(batch["source"], batch["driving"])
                 losses = lfae_loss(out["prediction"], batch["driving"], model.flow_predictor.region_predictor,
-                                   out["driving_regions"], perceptual, equivariance)
+                                   out["driving_regions"], perceptual, cfg.equivariance)
                 flow_l1 = (out["flow"] - batch["flow"]).abs().mean()
                 total = losses["total"] + flow_weight * flow_l1
             else:

@@ -35,10 +35,8 @@ def run(p: Params) -> dict[str, float]:
     model = LatentFlowAutoEncoder(p.lfae)
     if cfg.init:
         init_lfae(model, cfg.init, p.data.image_size)
-    equivariance = cfg.equivariance
     if cfg.freeze_motion:
         model.flow_predictor.freeze_motion()
-        equivariance = equivariance.model_copy(update={"weight": 0.0})  # it trains only the frozen regions
     model = model.to(device)
     perceptual = PerceptualLoss(cfg.perceptual).to(device)
     optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, betas=cfg.betas)
@@ -59,7 +57,7 @@ def run(p: Params) -> dict[str, float]:
                 out = parallel(source, driving)
                 losses = lfae_loss(
                     out["prediction"], driving, model.flow_predictor.region_predictor,
-                    out["driving_regions"], perceptual, equivariance,
+                    out["driving_regions"], perceptual, cfg.equivariance,
                 )
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()

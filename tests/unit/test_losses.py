@@ -243,6 +243,12 @@ def test_equivariance_loss_skips_work() -> None:
 
     driving = torch.rand(1, 3, 8, 8)
     assert equivariance_loss(must_not_run, driving, {}, EquivarianceConfig(weight=0)) == {}
+
+    class Frozen(torch.nn.Linear):  # train_lfae.freeze_motion: the terms could train nothing
+        def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+            raise AssertionError("a frozen region predictor ran")
+
+    assert equivariance_loss(Frozen(1, 1).requires_grad_(False), driving, {}, EquivarianceConfig()) == {}
     shift_only = {"shift": torch.zeros(1, 2, 2)}
     losses = equivariance_loss(lambda _: shift_only, driving, shift_only, EquivarianceConfig())
     assert set(losses) == {"equivariance_shift"}
