@@ -231,6 +231,17 @@ class Unet3D(nn.Module):
         nn.init.zeros_(self.final_conv.weight)
         nn.init.zeros_(self.final_conv.bias)
 
+    def stem(self, x: Tensor, cond: Tensor) -> Tensor:
+        """``init_conv`` over every frame concatenated with z0: ``x (B, C, K, H, W)``, ``cond (B, C', H, W)``
+        → ``(B·K, dim, H, W)``. The convolution is linear, so its z0 half is computed once per clip and
+        added to every frame, not run on K copies of z0 (that was a quarter to a third of the forward's
+        FLOPs)."""
+        conv, k = self.init_conv, x.shape[2]
+        w_x, w_cond = conv.weight.split([x.shape[1], cond.shape[1]], dim=1)
+        frames = F.conv2d(rearrange(x, "b c k h w -> (b k) c h w"), w_x, conv.bias, padding=conv.padding)
+        shared = F.conv2d(cond, w_cond, padding=conv.padding)
+        return (rearrange(frames, "(b k) c h w -> b k c h w", k=k) + shared[:, None]).flatten(0, 1)
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -255,8 +266,7 @@ class Unet3D(nn.Module):
         # one relative position bias per forward, shared by every temporal attention layer
         bias = self.rel_pos(k, x.device) if self.rel_pos is not None else None
 
-        x = rearrange(x, "b c k h w -> (b k) c h w")
-        x = self.init_conv(torch.cat((x, repeat(cond, "b c h w -> (b k) c h w", k=k)), dim=1))
+        x = self.stem(x, cond)
         if self.init_temporal is not None:
             x = self.init_temporal(x, bias)
         r = x

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from einops import rearrange
 
 from lfdm.config import UNetConfig
 from lfdm.models import unet3d
@@ -57,6 +58,12 @@ def test_time_and_cond_change_output() -> None:
     out = model(**x)
     assert differs(out, model(**{**x, "t": x["t"] + 1}))
     assert differs(out, model(**{**x, "cond": torch.randn(B, COND, SIDE, SIDE)}))
+
+
+def test_stem_is_the_init_conv_over_frames_concatenated_with_z0() -> None:
+    model, x = make(), inputs()
+    copies = torch.cat((rearrange(x["x"], "b c k h w -> (b k) c h w"), x["cond"].repeat_interleave(K, dim=0)), dim=1)
+    torch.testing.assert_close(model.stem(x["x"], x["cond"]), model.init_conv(copies))
 
 
 def test_scalar_timestep_broadcasts() -> None:
