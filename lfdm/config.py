@@ -121,7 +121,7 @@ class TrainLFAEConfig(Section):
     init: str | None = "assets/lfae-embedded-64.pt"
     # keep the warm start's flow fixed (Φ, Ω and the occlusion head train); the paper trains F jointly
     freeze_motion: bool = True
-    steps: int = Field(200, ge=1)
+    steps: int = Field(50, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
@@ -220,7 +220,7 @@ class DMConfig(Section):
 
 
 class TrainDMConfig(Section):
-    steps: int = Field(600, ge=1)
+    steps: int = Field(900, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
@@ -228,7 +228,7 @@ class TrainDMConfig(Section):
     gamma: float = Field(0.1, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
     # EMA of the weights, saved as the model: decay 1 − (1 + step)^(−2/3) (diffusers' warm-up, so it suits
-    # 600 CPU steps and 100k GPU steps alike) capped at this value; 0 = off (official code: no EMA)
+    # hundreds of CPU steps and 100k GPU steps alike) capped at this value; 0 = off (official code: no EMA)
     ema_max_decay: float = Field(0.9999, ge=0, lt=1)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
