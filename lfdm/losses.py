@@ -218,7 +218,9 @@ def equivariance_loss(
     Empty when the weight is 0 or the predictor is frozen (the terms train nothing else); no affine term
     for shift-only regions.
     """
-    frozen = isinstance(region_predictor, nn.Module) and not any(q.requires_grad for q in region_predictor.parameters())
+    frozen = isinstance(region_predictor, nn.Module) and not any(
+        q.requires_grad for q in region_predictor.parameters()
+    )
     if cfg.weight == 0 or frozen:
         return {}
     if transform is None:

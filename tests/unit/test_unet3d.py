@@ -62,7 +62,8 @@ def test_time_and_cond_change_output() -> None:
 
 def test_stem_is_the_init_conv_over_frames_concatenated_with_z0() -> None:
     model, x = make(), inputs()
-    copies = torch.cat((rearrange(x["x"], "b c k h w -> (b k) c h w"), x["cond"].repeat_interleave(K, dim=0)), dim=1)
+    frames = rearrange(x["x"], "b c k h w -> (b k) c h w")
+    copies = torch.cat((frames, x["cond"].repeat_interleave(K, dim=0)), dim=1)
     torch.testing.assert_close(model.stem(x["x"], x["cond"]), model.init_conv(copies))
 
 
