@@ -138,7 +138,9 @@ def evaluate_shard(p: Params, job: tuple[str, list[tuple[int, list[ManifestRow]]
         return result
     real = videos["real"].float() / 255
     mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)
-    result.mobilenet = {name: mobilenet(v[:, 1:].flatten(0, 1)) for name, v in videos.items()}
+    result.mobilenet = {name: mobilenet(v[:, 1:].flatten(0, 1)) for name, v in videos.items() if name != "static"}
+    # a static video's frames are all x0: one forward per video instead of K − 1
+    result.mobilenet["static"] = np.repeat(mobilenet(videos["real"][:, 0]), real.shape[1] - 1, axis=0)
     result.l1 = {m: (videos[m].float() / 255 - real).abs().mean(dim=(2, 3, 4))[:, 1:] for m in METHODS}
     result.classifier_input = {name: _downsized(v, cfg.classifier_size) for name, v in videos.items()}
     result.cosines = cosines

