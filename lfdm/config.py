@@ -261,7 +261,7 @@ class FinetuneDecoderConfig(Section):
 class EvaluateConfig(Section):
     max_grid_videos: int = Field(8, ge=1)  # videos in the real-vs-generated grid artifact
     batch_size: int = Field(8, ge=1)  # videos per I3D forward pass
-    classifier_steps: int = Field(300, ge=1)  # condition-accuracy classifier training steps
+    classifier_steps: int = Field(1000, ge=1)  # condition-accuracy classifier training steps
     classifier_size: int = Field(32, ge=8, multiple_of=8)  # frame side the classifier sees
 
 

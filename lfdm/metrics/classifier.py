@@ -84,7 +84,7 @@ def train_classifier(
     videos: Videos,
     labels: Sequence[str],
     *,
-    steps: int = 300,
+    steps: int = 1000,
     batch_size: int = 32,
     lr: float = 1e-3,
     seed: int = 0,
