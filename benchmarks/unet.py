@@ -5,6 +5,7 @@ guidance as two passes), at the paper's shape and at the default shape.
     python benchmarks/unet.py                                  # both designs, both shapes
     python benchmarks/unet.py --shapes default --steps 3 --designs ours
     python benchmarks/unet.py --device cuda --bf16             # on a GPU
+    python benchmarks/unet.py --shapes paper --batches 10 --no-train   # batch 10 without ~27 GB of activations
 
 Each row runs in its own process, so its peak memory is its own (CUDA: max allocated; CPU: the process's
 peak RSS, which includes ≈ 0.4 GB of torch itself). Per row: parameters, forward seconds (median of the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import statistics
@@ -77,7 +79,9 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def bench(design: str, shape: str, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> dict:
+def bench(
+    design: str, shape: str, batch: int, steps: int, device: torch.device, dtype: torch.dtype, train: bool = True
+) -> dict:
     spec = shapes(Params())[shape]
     frames, size, cond = spec["frames"], spec["size"], spec["cond"]
     model = DESIGNS[design](spec["unet"], cond_channels=cond, text_dim=TEXT_DIM, latent_size=size).to(device)
@@ -108,7 +112,7 @@ def bench(design: str, shape: str, batch: int, steps: int, device: torch.device,
         forward = timed(lambda: model(x, t, z0, text), steps, device)
         guided_s = timed(guided, steps, device)
     model.train()
-    train_s = timed(train_step, steps, device)
+    train_s = timed(train_step, steps, device) if train else float("nan")
     gflop = counter.get_total_flops() / 1e9
     return {"params_m": model.num_parameters / 1e6, "forward_s": forward, "gflop": gflop, "gflops": gflop / forward,
             "train_s": train_s, "guided_s": guided_s, "ddpm1000_s": 1000 * forward / batch,
@@ -129,13 +133,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed calls per figure (after one warm-up)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="skip the training step (paper shape, batch 10: ≈ 27 GB of activations in fp32)")
     parser.add_argument("--row", nargs=3, metavar=("DESIGN", "SHAPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.row:  # one row, in its own process
         design, shape, batch = args.row
-        print(json.dumps(bench(design, shape, int(batch), args.steps, device, dtype)))
+        print(json.dumps(bench(design, shape, int(batch), args.steps, device, dtype, train=not args.no_train)))
         return
 
     print(f"machine: {machine(device)}; dtype {str(dtype).removeprefix('torch.')}; "
@@ -148,11 +154,13 @@ def main() -> None:
         for batch in args.batches or spec["batches"]:
             for design in args.designs:
                 cmd = [sys.executable, __file__, "--row", design, shape, str(batch), "--steps", str(args.steps),
-                       "--device", args.device, *(["--bf16"] if args.bf16 else [])]
+                       "--device", args.device, *(["--bf16"] if args.bf16 else []),
+                       *(["--no-train"] if args.no_train else [])]
                 r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                train = "not run" if math.isnan(r["train_s"]) else f"{r['train_s']:.3f}"
                 print(f"| {shape} ({spec['frames']}×{spec['size']}²×3, z0 {spec['cond']}) | {batch} | {design} "
                       f"| {r['params_m']:.1f} | {r['forward_s']:.3f} | {r['gflop']:.0f} | {r['gflops']:.0f} "
-                      f"| {r['train_s']:.3f} | {r['guided_s']:.3f} | {r['ddpm1000_s']:.1f} | {r['ddim10_s']:.2f} "
+                      f"| {train} | {r['guided_s']:.3f} | {r['ddpm1000_s']:.1f} | {r['ddim10_s']:.2f} "
                       f"| {r['peak_gb']:.2f} |", flush=True)
 
 
