@@ -104,7 +104,7 @@ def main() -> None:
     loop_times = timed(in_loop, index_batches, args.steps)
 
     zarr_s, loop_s = statistics.median(zarr_times), statistics.median(loop_times)
-    print(f"default shape: batch {batch_size}, K {k}, {p.data.image_size}² frames, latent {h}² × {p.lfae.latent_channels}")
+    print(f"shape: batch {batch_size}, K {k}, {p.data.image_size}² frames, latent {h}² × {p.lfae.latent_channels}")
     print("| design | s/step (median) | steps/s |")
     print("|---|---|---|")
     print(f"| flows from the Zarr store (ours) | {zarr_s:.3f} | {1 / zarr_s:.2f} |")
