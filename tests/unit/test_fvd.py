@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lfdm.losses import load_imagenet_model
 from lfdm.metrics import (
     I3D,
     I3DFeatures,
@@ -23,7 +24,6 @@ from lfdm.metrics import (
     grouped_fvd,
     load_i3d,
 )
-from lfdm.losses import load_imagenet_model
 from lfdm.metrics.i3d import i3d_weights_path, load_i3d_state_dict
 
 ROOT = Path(__file__).parents[2]
