@@ -93,9 +93,20 @@ class LFAEConfig(Section):
     flow_num_blocks: int = Field(3, ge=1)  # paper 5
     flow_max_features: int = Field(256, ge=1)  # paper 1024
     bg_block_expansion: int = Field(16, ge=1)  # paper 32
-    bg_num_blocks: int = Field(3, ge=1)  # paper 5
+    bg_num_blocks: int = Field(4, ge=1)  # paper 5
     bg_max_features: int = Field(256, ge=1)  # paper 1024
+    # the background predictor's input: frame scale (MRAA 1; 1/n) and pixel coordinates as two extra
+    # channels (not in MRAA): docs/model.md, "A background predictor that sees where it looks"
+    bg_scale: float = Field(0.5, gt=0, le=1)
+    bg_coords: bool = True
     use_background: bool = True  # background affine motion predictor
+
+    @field_validator("bg_scale")
+    @classmethod
+    def _one_over_n(cls, scale: float) -> float:
+        if abs(round(1 / scale) * scale - 1) > 1e-6:
+            raise ValueError(f"must be 1/n for a whole n (1, 0.5, 0.25, …), got {scale}")
+        return scale
 
     @property
     def latent_channels(self) -> int:
@@ -360,6 +371,12 @@ class Params(Section):
                     f"{key} halves the {latent}px latent (data.image_size / 4) {halvings} times: "
                     f"it must be divisible by {1 << halvings}"
                 )
+        bg_side, halvings = self.data.image_size * self.lfae.bg_scale, self.lfae.bg_num_blocks
+        if self.lfae.use_background and bg_side < 1 << halvings:
+            raise ValueError(
+                f"lfae.bg_num_blocks halves the {bg_side:g}px frames of the background predictor "
+                f"(data.image_size × lfae.bg_scale) {halvings} times: nothing would be left"
+            )
         return self
 
 

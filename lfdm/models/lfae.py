@@ -289,12 +289,13 @@ def sparse_motions(source: Regions, driving: Regions, grid: Tensor, background: 
         relative = revert_axis_swap(source["affine"] @ torch.linalg.inv(driving["affine"]))
         z = torch.einsum("bkij,bkhwj->bkhwi", relative, z)
     regions = z + source["shift"][:, :, None, None]
-    if background is None:
-        bg = grid.expand(regions.shape[0], 1, *grid.shape)
-    else:
-        linear, offset = background[:, :2, :2], background[:, :2, 2]
-        bg = (torch.einsum("bij,hwj->bhwi", linear, grid) + offset[:, None, None]).unsqueeze(1)
-    return torch.cat((bg, regions), dim=1)
+    bg = grid.expand(regions.shape[0], *grid.shape) if background is None else affine_grid(background, grid)
+    return torch.cat((bg.unsqueeze(1), regions), dim=1)
+
+
+def affine_grid(affine: Tensor, grid: Tensor) -> Tensor:
+    """``(B, 3, 3)`` affine maps applied to ``grid (h, w, 2)`` → ``(B, h, w, 2)``."""
+    return torch.einsum("bij,hwj->bhwi", affine[:, :2, :2], grid) + affine[:, None, None, :2, 2]
 
 
 # ---------------------------------------------------------------------------------- flow predictor
@@ -349,21 +350,34 @@ class RegionPredictor(nn.Module):
 class BackgroundPredictor(nn.Module):
     """Global affine motion of the background: ``source, driving (B, 3, H, W) → (B, 3, 3)``.
 
-    Starts as the identity (zero weights, identity bias), as in MRAA.
+    MRAA's encoder of both frames, mean-pooled into one affine map, optionally on frames downscaled by
+    ``scale`` and with the pixel coordinates as two more input channels (``coords``): a zoom or rotation
+    moves each pixel by an amount that depends on where it is, which a mean-pooled, zero-padded
+    encoder can hardly tell apart without them. Starts near the identity: identity bias, output weights
+    N(0, 0.01²). MRAA zeroes them, and then all six outputs' weights grow along one feature direction: on
+    the embedded clips such a predictor stayed at the identity for 12,000 steps (docs/model.md).
     """
 
-    def __init__(self, *, block_expansion: int, num_blocks: int, max_features: int):
+    def __init__(
+        self, *, block_expansion: int, num_blocks: int, max_features: int, scale: float = 1.0, coords: bool = False
+    ):
         super().__init__()
+        self.down = AntiAliasDownsample(6, scale)
+        self.coords = coords
         self.encoder = HourglassEncoder(
-            6, block_expansion=block_expansion, num_blocks=num_blocks, max_features=max_features
+            6 + 2 * coords, block_expansion=block_expansion, num_blocks=num_blocks, max_features=max_features
         )
         self.fc = nn.Linear(self.encoder.out_channels, 6)
-        nn.init.zeros_(self.fc.weight)
+        nn.init.normal_(self.fc.weight, std=0.01)
         with torch.no_grad():
             self.fc.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
 
     def forward(self, source: Tensor, driving: Tensor) -> Tensor:
-        pooled = self.encoder(torch.cat((source, driving), dim=1))[-1].mean(dim=(2, 3))
+        x = self.down(torch.cat((source, driving), dim=1))
+        if self.coords:
+            grid = identity_grid(*x.shape[-2:], device=x.device, dtype=x.dtype).permute(2, 0, 1)
+            x = torch.cat((x, grid.expand(x.shape[0], -1, -1, -1)), dim=1)
+        pooled = self.encoder(x)[-1].mean(dim=(2, 3))
         top = self.fc(pooled).float().view(-1, 2, 3)
         bottom = torch.tensor([0.0, 0.0, 1.0], device=top.device).expand(top.shape[0], 1, 3)
         return torch.cat((top, bottom), dim=1)
@@ -443,6 +457,8 @@ class FlowPredictor(nn.Module):
                 block_expansion=cfg.bg_block_expansion,
                 num_blocks=cfg.bg_num_blocks,
                 max_features=cfg.bg_max_features,
+                scale=cfg.bg_scale,
+                coords=cfg.bg_coords,
             )
             if cfg.use_background
             else None

@@ -26,6 +26,8 @@ def test_params_yaml_is_complete_and_matches_the_defaults():
         ({"data": {"dataset": "ucf101"}}, "data.dataset"),
         ({"sample": {"guidance": -1}}, "sample.guidance"),
         ({"data": {"image_size": 16}, "lfae": {"region_num_blocks": 2}}, "lfae.flow_num_blocks halves the 4px"),
+        ({"lfae": {"bg_scale": 0.3}}, "lfae.bg_scale: .*must be 1/n"),
+        ({"lfae": {"bg_num_blocks": 6}}, "lfae.bg_num_blocks halves the 32px frames"),
         ({"data": {"image_size": 48}}, "lfae.region_num_blocks halves the 12px latent .* divisible by 8"),
         (
             {"data": {"image_size": 16}, "lfae": {"region_num_blocks": 2, "flow_num_blocks": 2},

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lfdm.config import LFAEConfig
 from lfdm.models.lfae import (
@@ -14,6 +15,7 @@ from lfdm.models.lfae import (
     RegionPredictor,
     ResBlock2d,
     UpBlock2d,
+    affine_grid,
     covariance_to_affine,
     revert_axis_swap,
 )
@@ -125,13 +127,36 @@ def test_without_background_and_pca():
     assert out["prediction"].shape == (B, 3, SIZE, SIZE)
 
 
-def test_background_predictor_starts_at_identity():
-    bg = BackgroundPredictor(block_expansion=4, num_blocks=2, max_features=8)
-    torch.testing.assert_close(bg(frames(), frames()), torch.eye(3).expand(B, 3, 3))
+@pytest.mark.parametrize(("scale", "coords"), [(1.0, False), (0.5, True)])
+def test_background_predictor_starts_near_the_identity(scale, coords):
+    torch.manual_seed(0)
+    bg = BackgroundPredictor(block_expansion=4, num_blocks=2, max_features=8, scale=scale, coords=coords)
+    affine = bg(frames(), frames())
+    torch.testing.assert_close(affine[:, 2], torch.tensor([0.0, 0.0, 1.0]).expand(B, 3))
+    assert 0 < (affine - torch.eye(3)).abs().max() < 0.1  # random enough to learn from, small enough to start
+
+
+def test_background_encoder_sees_both_frames_downscaled_and_the_coordinates():
+    bg = BackgroundPredictor(block_expansion=4, num_blocks=2, max_features=8, scale=0.5, coords=True)
+    seen = []
+    bg.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x, y = frames(), frames()
+    bg(x, y)
+    side = SIZE // 2
+    assert seen[0].shape == (B, 8, side, side)
+    torch.testing.assert_close(seen[0][:, :6], bg.down(torch.cat((x, y), dim=1)))
+    torch.testing.assert_close(seen[0][:, 6:], identity_grid(side, side).permute(2, 0, 1).expand(B, 2, side, side))
+
+
+def test_affine_grid_matches_torch():
+    theta = torch.tensor([[[0.9, -0.2, 0.1], [0.3, 1.1, -0.2]]])
+    ours = affine_grid(torch.cat((theta, torch.tensor([[[0.0, 0.0, 1.0]]])), dim=1), identity_grid(6, 5))
+    torch.testing.assert_close(ours, F.affine_grid(theta, [1, 1, 6, 5], align_corners=True))
 
 
 def test_identical_frames_give_equal_regions_and_identity_flow():
     model = LatentFlowAutoEncoder(tiny_cfg()).eval()
+    torch.nn.init.zeros_(model.flow_predictor.background_predictor.fc.weight)  # background: the identity
     x = frames()
     with torch.no_grad():
         motion = model.flow_predictor(x, x)
