@@ -79,10 +79,10 @@ def symmetry(frames: torch.Tensor, flow: torch.Tensor, mirror_x: bool, mirror_y:
     """``frames (..., H, W)`` and their backward grid ``flow (h, w, 2)`` under one symmetry of the square:
     a mirrored frame's grid is the mirrored grid with that coordinate negated, a transposed frame's the
     transposed grid with x and y swapped."""
-    for mirrored, frame_dim, flow_dim, component in ((mirror_x, -1, 1, 0), (mirror_y, -2, 0, 1)):
-        if mirrored:
-            frames, flow = frames.flip(frame_dim), flow.flip(flow_dim)
-            flow = flow * torch.tensor([-1.0, 1.0] if component == 0 else [1.0, -1.0])
+    if mirror_x:
+        frames, flow = frames.flip(-1), flow.flip(1) * torch.tensor([-1.0, 1.0])
+    if mirror_y:
+        frames, flow = frames.flip(-2), flow.flip(0) * torch.tensor([1.0, -1.0])
     if transpose:
         frames, flow = frames.transpose(-1, -2), flow.transpose(0, 1).flip(-1)
     return frames.contiguous(), flow.contiguous()
