@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -43,8 +44,7 @@ from lfdm.data.embedded import Clip, generate_clips, true_flow
 from lfdm.data.frames import to_tensor
 from lfdm.losses import PerceptualLoss, lfae_loss
 from lfdm.models.checkpoints import save_lfae
-from lfdm.models.lfae import LatentFlowAutoEncoder, affine_grid
-from lfdm.models.warp import identity_grid
+from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.training import forever, multistep_schedule, seed_everything
 
 
@@ -124,8 +124,8 @@ def train(model: LatentFlowAutoEncoder, loader: DataLoader, p: Params, args: arg
                 if phase == "flow":
                     flow = flow_predictor(batch["source"], batch["driving"]).flow
                 else:
-                    grid = identity_grid(*batch["flow"].shape[1:3])
-                    flow = affine_grid(trained(batch["source"], batch["driving"]), grid)
+                    affine = trained(batch["source"], batch["driving"])[:, :2]
+                    flow = F.affine_grid(affine, [len(affine), 1, *batch["flow"].shape[1:3]], align_corners=True)
                 total = flow_l1 = (flow - batch["flow"]).abs().mean()
             if not math.isfinite(total.item()):
                 raise FloatingPointError(f"loss is {total.item()} at step {step}; the last good weights are in {args.out}")

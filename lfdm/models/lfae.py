@@ -289,13 +289,12 @@ def sparse_motions(source: Regions, driving: Regions, grid: Tensor, background: 
         relative = revert_axis_swap(source["affine"] @ torch.linalg.inv(driving["affine"]))
         z = torch.einsum("bkij,bkhwj->bkhwi", relative, z)
     regions = z + source["shift"][:, :, None, None]
-    bg = grid.expand(regions.shape[0], *grid.shape) if background is None else affine_grid(background, grid)
+    batch, (h, w) = regions.shape[0], grid.shape[:2]
+    bg = (
+        grid.expand(batch, h, w, 2) if background is None
+        else F.affine_grid(background[:, :2], [batch, 1, h, w], align_corners=True)  # grid is align_corners=True
+    )
     return torch.cat((bg.unsqueeze(1), regions), dim=1)
-
-
-def affine_grid(affine: Tensor, grid: Tensor) -> Tensor:
-    """``(B, 3, 3)`` affine maps applied to ``grid (h, w, 2)`` → ``(B, h, w, 2)``."""
-    return torch.einsum("bij,hwj->bhwi", affine[:, :2, :2], grid) + affine[:, None, None, :2, 2]
 
 
 # ---------------------------------------------------------------------------------- flow predictor

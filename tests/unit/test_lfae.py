@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lfdm.config import LFAEConfig
 from lfdm.models.lfae import (
@@ -15,9 +14,9 @@ from lfdm.models.lfae import (
     RegionPredictor,
     ResBlock2d,
     UpBlock2d,
-    affine_grid,
     covariance_to_affine,
     revert_axis_swap,
+    sparse_motions,
 )
 from lfdm.models.warp import identity_grid, warp
 
@@ -148,10 +147,13 @@ def test_background_encoder_sees_both_frames_downscaled_and_the_coordinates():
     torch.testing.assert_close(seen[0][:, 6:], identity_grid(side, side).permute(2, 0, 1).expand(B, 2, side, side))
 
 
-def test_affine_grid_matches_torch():
-    theta = torch.tensor([[[0.9, -0.2, 0.1], [0.3, 1.1, -0.2]]])
-    ours = affine_grid(torch.cat((theta, torch.tensor([[[0.0, 0.0, 1.0]]])), dim=1), identity_grid(6, 5))
-    torch.testing.assert_close(ours, F.affine_grid(theta, [1, 1, 6, 5], align_corners=True))
+def test_background_motion_is_its_affine_applied_to_the_grid():
+    affine = torch.tensor([[[0.9, -0.2, 0.1], [0.3, 1.1, -0.2], [0.0, 0.0, 1.0]]])
+    grid = identity_grid(6, 5)
+    regions = {"shift": torch.zeros(1, 2, 2)}
+    background = sparse_motions(regions, regions, grid, affine)[:, 0]
+    expected = grid @ affine[0, :2, :2].T + affine[0, :2, 2]  # A·(x, y) + b at every position
+    torch.testing.assert_close(background, expected[None])
 
 
 def test_identical_frames_give_equal_regions_and_identity_flow():
