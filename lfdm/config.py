@@ -162,7 +162,7 @@ class UNetConfig(Section):
     dim: int = Field(32, ge=8)  # paper 64
     dim_mults: tuple[int, ...] = (1, 2, 4)  # paper (1, 2, 4, 8)
     resnet_groups: int = Field(8, ge=1)
-    attn_heads: int = Field(4, ge=1)  # paper 8
+    attn_heads: int = Field(2, ge=1)  # paper 8
     attn_dim_head: int = Field(32, ge=1)
     # spatial self-attention at levels whose side is ≤ this (paper: every level, linear attention)
     spatial_attn_max_size: int = Field(8, ge=0)
@@ -231,8 +231,8 @@ class DMConfig(Section):
 
 
 class TrainDMConfig(Section):
-    steps: int = Field(900, ge=1)
-    batch_size: int = Field(8, ge=1)
+    steps: int = Field(1800, ge=1)
+    batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
     milestones: tuple[float, ...] = (0.67, 0.83)  # fractions of `steps` (paper: epochs 800, 1000 of 1200)
