@@ -231,7 +231,7 @@ class DMConfig(Section):
 
 
 class TrainDMConfig(Section):
-    steps: int = Field(1800, ge=1)
+    steps: int = Field(2400, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
