@@ -80,11 +80,12 @@ class Attention(nn.Module):
 
     def attend(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """Tokens ``(N, L, C)`` → ``(N, L, C)``; ``bias`` ``(heads, L, L)`` is added to the logits."""
-        q, k, v = rearrange(
-            self.to_qkv(self.norm(x)), "n l (three h d) -> three n h l d", three=3, h=self.heads
-        )
+        # dense token rows for the norm and projection; q, k, v are views split off the projection's own
+        # axis, so backward stacks their gradients straight into its layout (no permuted copy)
+        qkv = self.to_qkv(self.norm(x.contiguous())).unflatten(-1, (3, self.heads, -1))
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
-        return x + self.to_out(rearrange(out, "n h l d -> n l (h d)"))
+        return x + self.to_out(out.transpose(1, 2).flatten(2))
 
 
 class SpatialAttention(Attention):
