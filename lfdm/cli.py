@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from lfdm.config import ParamsError, SamplerConfig, SamplerName, load_params
+from lfdm.config import ParamsError, SamplerConfig, SamplerName, TimestepSpacing, load_params
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--steps", type=int)
     gen.add_argument("--guidance", type=float, help="classifier-free guidance g (1 = conditional, 0 = stochastic)")
     gen.add_argument("--eta", type=float, help="DDIM η (1 = stochastic like DDPM, 0 = deterministic)")
+    gen.add_argument("--timestep-spacing", choices=get_args(TimestepSpacing), help="DDIM's timestep grid")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--fps", type=int, default=8)
     gen.add_argument("--device")

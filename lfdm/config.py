@@ -198,6 +198,7 @@ class DiffusionConfig(Section):
 
 
 SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]  # diffusers' names for DDIM's grid
 
 
 class SamplerConfig(Section):
@@ -205,6 +206,9 @@ class SamplerConfig(Section):
     steps: int = Field(20, ge=1)
     guidance: float = Field(1.0, ge=0)  # g in Eq. 4: 1 = conditional only, 0 = null only (stochastic)
     eta: float = Field(1.0, ge=0, le=1)  # DDIM stochasticity: 1 = fresh noise each step (as DDPM), 0 = deterministic
+    # DDIM's timestep grid (diffusers' names): leading T−T/n … 0, trailing T−1 … T/n−1 (the official grid),
+    # linspace T−1 … 0
+    timestep_spacing: TimestepSpacing = "leading"
 
 
 class SampleConfig(SamplerConfig):

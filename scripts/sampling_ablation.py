@@ -21,9 +21,11 @@ from pathlib import Path
 from lfdm.config import load_params
 
 
-def row(sampler: str, steps: int, guidance: float = 1.0, eta: float = 0.0) -> dict[str, object]:
-    """One row's `sample` settings; every row sets all four, so no row inherits another's."""
-    return {"sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta}
+def row(
+    sampler: str, steps: int, guidance: float = 1.0, eta: float = 0.0, spacing: str = "leading"
+) -> dict[str, object]:
+    """One row's `sample` settings; every row sets all five, so no row inherits another's."""
+    return {"sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta, "timestep_spacing": spacing}
 
 
 ROWS: dict[str, dict[str, object]] = {
@@ -32,6 +34,7 @@ ROWS: dict[str, dict[str, object]] = {
     "ddim-25": row("ddim", 25),
     "ddim-100": row("ddim", 100),
     "ddim-20-eta1": row("ddim", 20, eta=1.0),
+    "ddim-20-eta1-trailing": row("ddim", 20, eta=1.0, spacing="trailing"),
     "dpmsolver++-10": row("dpmsolver++", 10),
     "dpmsolver++-20": row("dpmsolver++", 20),
     "sde-dpmsolver++-10": row("sde-dpmsolver++", 10),

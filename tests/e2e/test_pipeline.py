@@ -104,7 +104,8 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
         project / "face.png"
     )
     out = run([str(BIN / "lfdm"), "generate", "--image", "face.png", "--label", "zoom in very slowly",
-               "--out", "clip.mp4", "--flow-out", "flow.png", "--steps", "3"], project, env)
+               "--out", "clip.mp4", "--flow-out", "flow.png", "--steps", "3", "--timestep-spacing", "trailing"],
+              project, env)
     assert "wrote clip.mp4 (4 frames" in out
     assert count_frames(project / "clip.mp4") == 4 and Image.open(project / "flow.png").size == (4 * 8 * 4, 8 * 4)
     (project / "notes.png").write_text("not an image")

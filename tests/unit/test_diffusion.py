@@ -306,6 +306,16 @@ def test_ddim_eta_reaches_the_scheduler() -> None:
     assert not torch.allclose(ddim, stochastic)
 
 
+@pytest.mark.parametrize(
+    ("spacing", "grid"),
+    [("leading", [80, 60, 40, 20, 0]), ("trailing", [99, 79, 59, 39, 19]), ("linspace", [99, 74, 50, 25, 0])],
+)
+def test_ddim_timestep_spacing_sets_the_grid(spacing: str, grid: list[int]) -> None:
+    scheduler = make_scheduler(SamplerConfig(steps=5, timestep_spacing=spacing), DiffusionConfig(timesteps=100))
+    scheduler.set_timesteps(5)
+    assert scheduler.timesteps.tolist() == grid
+
+
 # ------------------------------------------------------------------------------------------ guidance
 
 
