@@ -235,11 +235,13 @@ class DMConfig(Section):
 
 
 class TrainDMConfig(Section):
-    steps: int = Field(2400, ge=1)
+    steps: int = Field(3200, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
-    milestones: tuple[float, ...] = (0.67, 0.83)  # fractions of `steps` (paper: epochs 800, 1000 of 1200)
+    # linear / cosine: from lr to 0 over the run (diffusers' schedules); multistep: × gamma at milestones (paper)
+    lr_schedule: Literal["linear", "cosine", "multistep"] = "linear"
+    milestones: tuple[float, ...] = (0.67, 0.83)  # multistep: fractions of `steps` (paper: epochs 800, 1000)
     gamma: float = Field(0.1, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
     # EMA of the weights, saved as the model: decay 1 − (1 + step)^(−2/3) (diffusers' warm-up, so it suits

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -31,6 +32,16 @@ def multistep_schedule(
     """MultiStepLR with milestones given as fractions of the run (the paper's epochs 60/90 of 100 → 0.6, 0.9)."""
     steps = sorted({max(1, round(f * total_steps)) for f in milestones})
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=steps, gamma=gamma)
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, kind: str, total_steps: int, milestones: Iterable[float], gamma: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """``"multistep"``: :func:`multistep_schedule`; ``"linear"`` / ``"cosine"``: from the optimizer's lr down
+    to 0 at ``total_steps`` (diffusers' schedules, no warm-up)."""
+    if kind == "multistep":
+        return multistep_schedule(optimizer, total_steps, milestones, gamma)
+    return get_scheduler(kind, optimizer, num_warmup_steps=0, num_training_steps=total_steps)
 
 
 def sharded_loader(
