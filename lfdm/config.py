@@ -199,6 +199,7 @@ class DiffusionConfig(Section):
 
 SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]  # diffusers' names for DDIM's grid
+LRScheduleName = Literal["linear", "cosine", "multistep"]
 
 
 class SamplerConfig(Section):
@@ -240,7 +241,7 @@ class TrainDMConfig(Section):
     lr: float = Field(1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
     # linear / cosine: from lr to 0 over the run (diffusers' schedules); multistep: × gamma at milestones (paper)
-    lr_schedule: Literal["linear", "cosine", "multistep"] = "linear"
+    lr_schedule: LRScheduleName = "linear"
     milestones: tuple[float, ...] = (0.67, 0.83)  # multistep: fractions of `steps` (paper: epochs 800, 1000)
     gamma: float = Field(0.1, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lfdm import distributed, tracking
 from lfdm.checkpoint import load_checkpoint, save_checkpoint
+from lfdm.config import LRScheduleName
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -35,7 +36,11 @@ def multistep_schedule(
 
 
 def lr_schedule(
-    optimizer: torch.optim.Optimizer, kind: str, total_steps: int, milestones: Iterable[float], gamma: float
+    optimizer: torch.optim.Optimizer,
+    kind: LRScheduleName,
+    total_steps: int,
+    milestones: Iterable[float],
+    gamma: float,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """``"multistep"``: :func:`multistep_schedule`; ``"linear"`` / ``"cosine"``: from the optimizer's lr down
     to 0 at ``total_steps`` (diffusers' schedules, no warm-up)."""
