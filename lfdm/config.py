@@ -194,7 +194,7 @@ class DiffusionConfig(Section):
     target: Literal["grid", "displacement"] = "displacement"
     # Min-SNR-γ loss weighting (Hang et al. 2023): each sample's MSE × min(SNR_t, γ) / SNR_t (ε) or
     # / (SNR_t + 1) (v), so the easy low-noise steps stop dominating the gradient; null = plain MSE (paper)
-    min_snr_gamma: float | None = Field(None, gt=0)
+    min_snr_gamma: float | None = Field(5.0, gt=0)
 
 
 SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
