@@ -188,13 +188,27 @@ class DiffusionConfig(Section):
     # what the U-Net predicts: ε (paper, Eq. 7) or v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho), diffusers' names
     prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
     null_prob: float = Field(0.1, ge=0, le=1)  # null-condition dropout (classifier-free guidance training)
-    threshold_percentile: float = Field(0.9, gt=0, le=1)  # dynamic thresholding (Imagen); 1.0 = off
+    threshold_percentile: float = Field(1.0, gt=0, le=1)  # dynamic thresholding (Imagen; paper 0.9); 1.0 = off
     # what is diffused: "grid" = the absolute sampling grid (paper, official code); "displacement" = grid −
     # identity over a scale train_dm measures on the training flows (lfdm.diffusion.FlowDiffusion)
     target: Literal["grid", "displacement"] = "displacement"
+    # target "displacement": the 0.995-quantile of |displacement| over the training flows maps to this value.
+    # Above 1 each noise level leaves the motion more signal (sampled flows keep less spatial noise;
+    # docs/results.md), but then it outgrows the [-1, 1] that dynamic thresholding assumes
+    displacement_range: float = Field(3.0, gt=0)
     # Min-SNR-γ loss weighting (Hang et al. 2023): each sample's MSE × min(SNR_t, γ) / SNR_t (ε) or
     # / (SNR_t + 1) (v), so the easy low-noise steps stop dominating the gradient; null = plain MSE (paper)
-    min_snr_gamma: float | None = Field(5.0, gt=0)
+    min_snr_gamma: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _thresholding_needs_the_unit_range(self) -> DiffusionConfig:
+        if self.target == "displacement" and self.displacement_range > 1 and self.threshold_percentile < 1:
+            raise ValueError(
+                f"displacement_range: {self.displacement_range} puts motion beyond [-1, 1], which dynamic "
+                f"thresholding (threshold_percentile: {self.threshold_percentile}) would clip and shrink; "
+                "set threshold_percentile: 1.0 (off) or displacement_range: 1"
+            )
+        return self
 
 
 SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]

@@ -28,8 +28,8 @@ from lfdm.models.warp import identity_grid
 # over its last discrete steps, and one huge first step in λ destabilises the multistep solver. This drops
 # 4 of 1000 steps, all with ᾱ < 4e-5, so starting from pure noise is still consistent.
 DPM_SOLVER_LAMBDA_MIN = -5.1
-# target "displacement": this quantile of |displacement| over the training flows maps to 1, so about all of
-# the data lies in [-1, 1], the range dynamic thresholding assumes (it would shrink unit-variance data)
+# target "displacement": this quantile of |displacement| over the training flows maps to
+# `displacement_range`, so about all of the motion lies within ± that range
 DISPLACEMENT_QUANTILE = 0.995
 QUANTILE_MAX_VALUES = 1 << 24  # torch.quantile's input limit; a strided subset beyond it
 
@@ -115,15 +115,15 @@ class FlowDiffusion(nn.Module):
 
     @torch.no_grad()
     def fit_target(self, flows: torch.Tensor) -> float:
-        """Set the displacement scale from training flow tensors ``(N, 3, K, H, W)``; returns it (1 for
-        ``target: grid``)."""
+        """Set the displacement scale from training flow tensors ``(N, 3, K, H, W)``, so that their
+        0.995-quantile of |displacement| becomes ``cfg.displacement_range``; returns it (1 for ``target: grid``)."""
         if self.cfg.target == "displacement":
             magnitude = self._displacement(flows.float()).abs().flatten()
             stride = -(-magnitude.numel() // QUANTILE_MAX_VALUES)
             scale = torch.quantile(magnitude[::stride], DISPLACEMENT_QUANTILE)
             if not scale > 0:
                 raise ValueError("the training flows do not move: their displacement scale is 0")
-            self.displacement_scale.fill_(scale)
+            self.displacement_scale.fill_(scale / self.cfg.displacement_range)
         return float(self.displacement_scale)
 
     def to_target(self, x: torch.Tensor) -> torch.Tensor:

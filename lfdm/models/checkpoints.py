@@ -66,6 +66,8 @@ def save_dm(
 def load_dm(path: str | Path, device: torch.device) -> tuple[FlowDiffusion, dict[str, Any]]:
     """The diffusion model (3D U-Net inside) in eval mode on ``device``, and the checkpoint's metadata."""
     ckpt = load_checkpoint(path)
+    # models saved before the key existed were fitted to the unit range
+    ckpt["config"]["diffusion"].setdefault("displacement_range", 1.0)
     cfg = DMConfig.model_validate(ckpt["config"])
     denoiser = Unet3D(
         cfg.unet, cond_channels=ckpt["cond_channels"], text_dim=ckpt["text_dim"], latent_size=ckpt["latent_size"]

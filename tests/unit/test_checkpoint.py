@@ -45,6 +45,18 @@ def test_dm_round_trip(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_dm_saved_before_displacement_range_loads_with_the_unit_range(tmp_path):
+    cfg = DMConfig(unet=UNetConfig(dim=8, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8))
+    diffusion = FlowDiffusion(Unet3D(cfg.unet, cond_channels=4, text_dim=6, latent_size=8), cfg.diffusion)
+    save_dm(tmp_path / "dm.pt", diffusion, cfg, cond_channels=4, text_dim=6, num_frames=3, latent_size=8, step=2)
+    old = load_checkpoint(tmp_path / "dm.pt")
+    del old["config"]["diffusion"]["displacement_range"]
+    old["config"]["diffusion"]["threshold_percentile"] = 0.9  # valid only on the unit range
+    save_checkpoint(tmp_path / "old.pt", **old)
+    loaded, _ = load_dm(tmp_path / "old.pt", torch.device("cpu"))
+    assert loaded.cfg.displacement_range == 1 and loaded.cfg.threshold_percentile == 0.9
+
+
 def test_checkpoints_load_with_weights_only(tmp_path):
     save_checkpoint(tmp_path / "c.pt", model={"w": torch.ones(2)}, config={"a": [1, 2]}, step=3)
     raw = torch.load(tmp_path / "c.pt", weights_only=True)  # no pickled classes inside

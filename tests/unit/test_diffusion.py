@@ -127,18 +127,20 @@ def test_add_noise_is_inverted_by_the_true_noise() -> None:
 # -------------------------------------------------------------------------------------------- target
 
 
-def test_displacement_target_is_scaled_to_the_unit_range_and_inverts() -> None:
+@pytest.mark.parametrize("span", [1.0, 2.0])
+def test_displacement_target_is_scaled_to_its_range_and_inverts(span: float) -> None:
     flows = moving_flows(16, motion=0.05)
-    diffusion = FlowDiffusion(nn.Identity(), DiffusionConfig(target="displacement"))
+    cfg = DiffusionConfig(target="displacement", displacement_range=span)
+    diffusion = FlowDiffusion(nn.Identity(), cfg)
     scale = diffusion.fit_target(flows)
-    assert 0.04 < scale <= 0.05  # the 0.995-quantile of a uniform displacement in [-0.05, 0.05]
+    assert 0.04 < scale * span <= 0.05  # the 0.995-quantile of a uniform displacement in [-0.05, 0.05]
     target = diffusion.to_target(flows)
-    inside = (target[:, :2].abs() <= 1).float().mean()
+    inside = (target[:, :2].abs() <= span).float().mean()
     torch.testing.assert_close(inside, torch.tensor(DISPLACEMENT_QUANTILE), atol=2e-3, rtol=0)
     torch.testing.assert_close(target[:, 2:], flows[:, 2:])  # occlusion is untouched
     torch.testing.assert_close(diffusion.from_target(target), flows, atol=1e-6, rtol=0)
     # the scale is saved with the weights
-    restored = FlowDiffusion(nn.Identity(), DiffusionConfig(target="displacement"))
+    restored = FlowDiffusion(nn.Identity(), cfg)
     restored.load_state_dict(diffusion.state_dict())
     torch.testing.assert_close(restored.to_target(flows), target)
 
@@ -156,15 +158,20 @@ def test_still_flows_are_refused() -> None:
         FlowDiffusion(nn.Identity(), DiffusionConfig(target="displacement")).fit_target(still)
 
 
+# the unit range with dynamic thresholding (which may shrink the top 0.5 % of displacements a little), and
+# the default range without it
+RANGES = [dict(displacement_range=1.0, threshold_percentile=0.9), {}]
+
+
 @pytest.mark.parametrize("kind", SAMPLERS)
-def test_perfect_predictor_samples_displacement_flows_back(kind: str) -> None:
+@pytest.mark.parametrize("span", RANGES)
+def test_perfect_predictor_samples_displacement_flows_back(kind: str, span: dict) -> None:
     flows = moving_flows(2, motion=0.05)
-    diffusion = perfect_diffusion(flows, DiffusionConfig(timesteps=100))
+    diffusion = perfect_diffusion(flows, DiffusionConfig(timesteps=100, **span))
     diffusion.fit_target(flows)
     diffusion.denoiser.x0 = diffusion.to_target(flows)  # the scale changed what the model sees
     cond, text = inputs(2, 6, 5)
     out = diffusion.sample(cond, text, num_frames=3, sampler=SamplerConfig(sampler=kind, steps=10))
-    # all within [-1, 1] but the top 0.5 % of displacements, which dynamic thresholding may shrink a little
     assert (out - flows).abs().max() < 0.05 * 0.2 and (out - flows).abs().median() < 1e-4
 
 
@@ -247,9 +254,10 @@ def test_samplers_return_finite_flow_of_the_right_shape(kind: str) -> None:
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("kind", SAMPLERS)
 def test_perfect_predictor_is_sampled_back_to_x0(kind: str, prediction: str) -> None:
-    x0 = torch.rand(2, 3, 3, 6, 5) * 1.8 - 0.9  # inside [-1, 1]: dynamic thresholding is a no-op
+    x0 = torch.rand(2, 3, 3, 6, 5) * 1.8 - 0.9  # inside [-1, 1]: dynamic thresholding would be a no-op
     cond, text = inputs(2, 6, 5)
-    out = perfect_diffusion(x0, DiffusionConfig(timesteps=100, prediction=prediction, target="grid")).sample(
+    cfg = DiffusionConfig(timesteps=100, prediction=prediction, threshold_percentile=0.9, target="grid")
+    out = perfect_diffusion(x0, cfg).sample(
         cond, text, num_frames=3, sampler=SamplerConfig(sampler=kind, steps=10)
     )
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
@@ -267,9 +275,8 @@ def test_dynamic_thresholding_follows_the_official_rule(kind: str) -> None:
 
     cond, text = inputs(2, 6, 5)
     sampler = SamplerConfig(sampler=kind, steps=10)
-    out = perfect_diffusion(x0, DiffusionConfig(timesteps=100, target="grid")).sample(
-        cond, text, num_frames=3, sampler=sampler
-    )
+    on = DiffusionConfig(timesteps=100, threshold_percentile=0.9, target="grid")
+    out = perfect_diffusion(x0, on).sample(cond, text, num_frames=3, sampler=sampler)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
 
     # percentile 1.0 turns thresholding off, and no static clipping takes its place
