@@ -160,14 +160,14 @@ def test_still_flows_are_refused() -> None:
 
 # the unit range with dynamic thresholding (which may shrink the top 0.5 % of displacements a little), and
 # the default range without it
-RANGES = [dict(displacement_range=1.0, threshold_percentile=0.9), {}]
+RANGE_SETTINGS = [dict(displacement_range=1.0, threshold_percentile=0.9), {}]
 
 
 @pytest.mark.parametrize("kind", SAMPLERS)
-@pytest.mark.parametrize("span", RANGES)
-def test_perfect_predictor_samples_displacement_flows_back(kind: str, span: dict) -> None:
+@pytest.mark.parametrize("range_settings", RANGE_SETTINGS)
+def test_perfect_predictor_samples_displacement_flows_back(kind: str, range_settings: dict) -> None:
     flows = moving_flows(2, motion=0.05)
-    diffusion = perfect_diffusion(flows, DiffusionConfig(timesteps=100, **span))
+    diffusion = perfect_diffusion(flows, DiffusionConfig(timesteps=100, **range_settings))
     diffusion.fit_target(flows)
     diffusion.denoiser.x0 = diffusion.to_target(flows)  # the scale changed what the model sees
     cond, text = inputs(2, 6, 5)
