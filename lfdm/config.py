@@ -195,7 +195,7 @@ class DiffusionConfig(Section):
     # target "displacement": the 0.995-quantile of |displacement| over the training flows maps to this value.
     # Above 1 each noise level leaves the motion more signal (sampled flows keep less spatial noise;
     # docs/results.md), but then it outgrows the [-1, 1] that dynamic thresholding assumes
-    displacement_range: float = Field(3.0, gt=0)
+    displacement_range: float = Field(4.0, gt=0)
     # Min-SNR-γ loss weighting (Hang et al. 2023): each sample's MSE × min(SNR_t, γ) / SNR_t (ε) or
     # / (SNR_t + 1) (v), so the easy low-noise steps stop dominating the gradient; null = plain MSE (paper)
     min_snr_gamma: float | None = Field(None, gt=0)
