@@ -38,7 +38,7 @@ def test_params_yaml_is_complete_and_matches_the_defaults():
         ({"finetune_decoder": {"enabled": True, "root": "faces", "dataset": "embedded"}}, "finetune_decoder.dataset"),
         ({"sample": {"decoder": "finetuned"}}, "sample.decoder: 'finetuned' needs finetune_decoder.enabled"),
         ({"train_lfae": {"init": None}}, "train_lfae.*freeze_motion: true keeps the warm start's flow fixed"),
-        ({"dm": {"diffusion": {"threshold_percentile": 0.9}}}, "dm.diffusion.*displacement_range: 4.0 puts motion"),
+        ({"dm": {"diffusion": {"threshold_percentile": 0.9}}}, f"dm.diffusion.*displacement_range: {Params().dm.diffusion.displacement_range} puts motion"),
     ],
 )
 def test_bad_params_name_the_key(raw, message):
