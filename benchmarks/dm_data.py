@@ -31,7 +31,7 @@ from lfdm.diffusion import FlowDiffusion
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
 from lfdm.models.warp import to_diffusion_tensor
-from lfdm.training import forever
+from lfdm.training import adam, forever
 
 TEXT_DIM = 384
 
@@ -73,7 +73,7 @@ def main() -> None:
     h = p.data.image_size // 4
     diffusion = FlowDiffusion(Unet3D(p.dm.unet, cond_channels=p.lfae.latent_channels, text_dim=TEXT_DIM,
                                      latent_size=h), p.dm.diffusion).train()
-    optimizer = torch.optim.Adam(diffusion.parameters(), lr=p.train_dm.lr)
+    optimizer = adam(diffusion.parameters(), p.train_dm.lr, p.train_dm.betas)
     text = torch.randn(TEXT_DIM)
 
     def dm_step(x0: torch.Tensor, z0: torch.Tensor) -> None:

@@ -45,7 +45,7 @@ from lfdm.data.frames import to_tensor
 from lfdm.losses import PerceptualLoss, lfae_loss
 from lfdm.models.checkpoints import save_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
-from lfdm.training import forever, multistep_schedule, seed_everything
+from lfdm.training import adam, forever, multistep_schedule, seed_everything
 
 
 class CameraPairs(Dataset):
@@ -107,7 +107,7 @@ def train(model: LatentFlowAutoEncoder, loader: DataLoader, p: Params, args: arg
         flow_predictor.freeze_motion()
         flow_weight = 0.0  # the flow term, like the equivariance loss, would only train the frozen F
     parameters = [q for q in trained.parameters() if q.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=args.lr or cfg.lr, betas=cfg.betas)
+    optimizer = adam(parameters, args.lr or cfg.lr, cfg.betas)
     schedule = multistep_schedule(optimizer, steps, cfg.milestones, cfg.gamma)
     model.train()
     batches = forever(loader)

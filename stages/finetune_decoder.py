@@ -30,7 +30,7 @@ from lfdm.losses import PerceptualLoss
 from lfdm.metrics import MobileNetFeatures, feature_frechet_distance
 from lfdm.models.checkpoints import finetuned_lfae_path, load_lfae, save_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
-from lfdm.training import TrainingState, forever, seed_everything, sharded_loader
+from lfdm.training import TrainingState, adam, forever, seed_everything, sharded_loader
 from lfdm.viz import reconstruction_strip
 
 
@@ -62,7 +62,7 @@ def run(p: Params) -> dict[str, float]:
         generator=generator,
     )
     perceptual = PerceptualLoss(p.train_lfae.perceptual).to(device)
-    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr, betas=cfg.betas)
+    optimizer = adam(model.decoder.parameters(), cfg.lr, cfg.betas)
     schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     config = p.model_dump(mode="json", include={"seed", "data", "finetune_decoder"}) | {"lfae_step": meta["step"]}
     state = TrainingState(Path(p.paths.checkpoints) / "finetune_decoder.pt", model, optimizer, schedule, config)

@@ -22,7 +22,7 @@ from lfdm.diffusion import FlowDiffusion
 from lfdm.models.checkpoints import save_dm
 from lfdm.models.unet3d import Unet3D
 from lfdm.text import load_embeddings
-from lfdm.training import TrainingState, forever, lr_schedule, seed_everything, sharded_loader
+from lfdm.training import TrainingState, adam, forever, lr_schedule, seed_everything, sharded_loader
 
 TARGET_FIT_CLIPS = 1024  # training clips, evenly spaced, that set the displacement scale (bounded memory)
 
@@ -45,7 +45,7 @@ def run(p: Params) -> dict[str, float]:
     measured = torch.linspace(0, len(sequences) - 1, min(len(sequences), TARGET_FIT_CLIPS)).long()
     diffusion.fit_target(torch.stack([sequences[int(i)]["x0"] for i in measured]))
     diffusion.to(device)
-    optimizer = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr, betas=cfg.betas)
+    optimizer = adam(diffusion.parameters(), cfg.lr, cfg.betas)
     schedule = lr_schedule(optimizer, cfg.lr_schedule, cfg.steps, cfg.milestones, cfg.gamma)
     ema = EMAModel(diffusion.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True) if cfg.ema_max_decay else None
     config = p.model_dump(mode="json", include={"seed", "dm", "train_dm"}) | {"flows": asdict(attrs)}

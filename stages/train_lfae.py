@@ -20,7 +20,7 @@ from lfdm.device import autocast, resolve_device
 from lfdm.losses import PerceptualLoss, lfae_loss
 from lfdm.models.checkpoints import init_lfae, save_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
-from lfdm.training import TrainingState, forever, multistep_schedule, seed_everything, sharded_loader
+from lfdm.training import TrainingState, adam, forever, multistep_schedule, seed_everything, sharded_loader
 from lfdm.viz import reconstruction_strip
 
 
@@ -39,7 +39,7 @@ def run(p: Params) -> dict[str, float]:
         model.flow_predictor.freeze_motion()
     model = model.to(device)
     perceptual = PerceptualLoss(cfg.perceptual).to(device)
-    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, betas=cfg.betas)
+    optimizer = adam([q for q in model.parameters() if q.requires_grad], cfg.lr, cfg.betas)
     schedule = multistep_schedule(optimizer, cfg.steps, cfg.milestones, cfg.gamma)
     config = p.model_dump(mode="json", include={"seed", "data", "lfae", "train_lfae"})
     state = TrainingState(Path(p.paths.checkpoints) / "train_lfae.pt", model, optimizer, schedule, config)
