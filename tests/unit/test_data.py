@@ -25,6 +25,7 @@ from lfdm.data import (
     FramePairDataset,
     FrameStore,
     ManifestRow,
+    flow_store,
     generate_clips,
     read_manifest,
     sample_frame_indices,
@@ -246,8 +247,10 @@ def test_frame_store_round_trip_and_pickle(tmp_path):
         assert s.video_ids == ["a", "b"] and "a" in s and "c" not in s
         np.testing.assert_array_equal(s.read("b"), _frames(6))
         np.testing.assert_array_equal(s.read("b", [4, 0, 4]), _frames(6)[[4, 0, 4]])
-    with pytest.raises(KeyError, match="'c'"):
+    with pytest.raises(KeyError, match="'c' is not in frame store"):
         store.read("c")
+    store.write("b", _frames(2))  # rewritten after a read: the open handle must not serve the old array
+    np.testing.assert_array_equal(store.read("b"), _frames(2))
     with pytest.raises(ValueError, match="uint8"):
         store.write("x", _frames(2).astype(np.float32))
     with pytest.raises(ValueError, match="'__x'"):
@@ -278,6 +281,10 @@ def test_flow_store_round_trip_and_pickle(tmp_path):
         assert got_flow.dtype == np.float32 and got_flow.shape == (3, 4, 8, 8) and got_z0.shape == (5, 8, 8)
         np.testing.assert_allclose(got_flow, flow.numpy(), atol=1e-3)
         np.testing.assert_allclose(got_z0, z0.numpy(), rtol=1e-3, atol=1e-3)
+    with pytest.raises(KeyError, match="'v3' is not in flow store"):
+        store.read("v3")
+    store.write("v1", *_flow(2))  # rewritten after a read
+    np.testing.assert_allclose(store.read("v1")[0], _flow(2)[0].numpy(), atol=1e-3)
     with pytest.raises(ValueError, match=r"flows must have shape \(3, 4, 8, 8\)"):
         store.write("bad", flow[:, :3], z0)
     with pytest.raises(ValueError, match="not finite"):
@@ -367,7 +374,10 @@ def test_frame_pair_dataset(tmp_path):
     assert not all(torch.equal(again[i]["driving"], ds[i]["driving"]) for i in range(40))
 
 
-def test_datasets_in_worker_processes(tmp_path):
+@pytest.mark.parametrize("preload", [True, False])
+def test_datasets_in_worker_processes(tmp_path, monkeypatch, preload):
+    if not preload:  # a set too large to hold: streamed from the store
+        monkeypatch.setattr(flow_store, "PRELOAD_MAX_BYTES", 0)
     frames = FrameStore(tmp_path / "frames.zarr", "w")
     flows = FlowStore(tmp_path / "flows.zarr", "w", ATTRS)
     rows = []
@@ -377,7 +387,9 @@ def test_datasets_in_worker_processes(tmp_path):
         rows.append(ManifestRow(f"v{i}", ["zoom in", "pan up"][i % 2], "s", "train", 5, "x", (0, 1, 2, 4)))
     embeddings = {"zoom in": torch.ones(6), "pan up": torch.zeros(6)}
     flow_ds = FlowSequenceDataset(tmp_path / "flows.zarr", rows, embeddings)
+    assert (flow_ds.preloaded is not None) == preload
     item = flow_ds[1]
+    np.testing.assert_array_equal(item["x0"].numpy(), flows.read("v1")[0])
     assert item["x0"].shape == (3, 4, 8, 8) and item["x0"].dtype == torch.float32
     assert (
         item["z0"].shape == (5, 8, 8)
