@@ -160,7 +160,7 @@ def test_still_flows_are_refused() -> None:
 
 # the unit range with dynamic thresholding (which may shrink the top 0.5 % of displacements a little), and
 # the default range without it
-RANGE_SETTINGS = [dict(displacement_range=1.0, threshold_percentile=0.9), {}]
+RANGE_SETTINGS = [{"displacement_range": 1.0, "threshold_percentile": 0.9}, {}]
 
 
 @pytest.mark.parametrize("kind", SAMPLERS)
