@@ -88,7 +88,8 @@ class FlowStore(LazyZarrGroup):
 
     def read(self, video_id: str, dtype: DTypeLike = np.float32) -> tuple[np.ndarray, np.ndarray]:
         """``(flow (3, K, h, w), z0 (C, h, w))`` as ``dtype`` (float16 is how they are stored)."""
-        return tuple(self.array(f"{name}/{video_id}", video_id)[...].astype(dtype) for name in ("flows", "z0"))
+        arrays = (self.array(f"{name}/{video_id}", video_id)[...] for name in ("flows", "z0"))
+        return tuple(x.astype(dtype, copy=False) for x in arrays)  # a fresh read: no second copy in its own dtype
 
     def __contains__(self, video_id: object) -> bool:
         return isinstance(video_id, str) and video_id in self.group["flows"]
@@ -123,7 +124,8 @@ class FlowSequenceDataset(Dataset):
         self.rows = list(rows)
         self.text = {label: torch.as_tensor(label_embeddings[label], dtype=torch.float32) for label in labels}
         a = self.store.attrs
-        stored_bytes = len(self.rows) * 2 * a.latent_size**2 * (3 * a.num_frames + a.latent_channels)
+        values_per_clip = a.latent_size**2 * (3 * a.num_frames + a.latent_channels)
+        stored_bytes = len(self.rows) * values_per_clip * np.dtype(np.float16).itemsize
         self.preloaded = (
             [self.store.read(r.video_id, np.float16) for r in self.rows] if stored_bytes <= PRELOAD_MAX_BYTES else None
         )
