@@ -171,3 +171,20 @@ def test_rejects_bad_sizes() -> None:
 
 def test_no_cuda_calls() -> None:
     assert ".cuda(" not in Path(unet3d.__file__).read_text()
+
+
+def test_temporal_attention_is_biased_softmax_attention_on_the_fused_kernel() -> None:
+    attn = unet3d.TemporalAttention(8, heads=2, dim_head=4)
+    bias = torch.randn(2, K, K)
+    x = torch.randn(3 * K, 8, 2, 2)  # 3 clips of K frames
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        out = attn(x, bias)
+    kernels = {e.key for e in prof.key_averages()}
+    # a 3-D mask would send SDPA down its unfused math path (3.5× slower at the paper's temporal shape)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels, kernels
+
+    tokens = rearrange(x, "(b k) c h w -> (b h w) k c", k=K)
+    q, k, v = rearrange(attn.to_qkv(attn.norm(tokens)), "n k (three h d) -> three n h k d", three=3, h=2)
+    weights = (q @ k.transpose(-1, -2) / 2 + bias).softmax(-1)  # 1/√dim_head = 1/2
+    expected = tokens + attn.to_out(rearrange(weights @ v, "n h k d -> n k (h d)"))
+    assert torch.allclose(out, rearrange(expected, "(b h w) k c -> (b k) c h w", h=2, w=2), atol=1e-5)
