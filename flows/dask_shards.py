@@ -1,7 +1,7 @@
 """A stage's clip shards as Prefect tasks on a Dask cluster (prefect-dask's ``DaskTaskRunner``).
 
-With ``parallel.dask: true`` the flow hands :func:`dask_map_shards` to ``extract_flow``, ``sample`` and
-``evaluate``; each then runs its shards as a sub-flow ``<stage>-shards`` whose tasks go to the cluster at
+With ``parallel.dask: true`` the flow hands :func:`dask_map_shards` to the clip-by-clip stages
+(:data:`stages.SHARDED`); each then runs its shards as a sub-flow ``<stage>-shards`` whose tasks go to the cluster at
 ``parallel.address``, or to a local cluster of ``parallel.workers`` processes started for the stage.
 The stage itself (its MLflow run, the merge of the shard results, the metrics file) stays in the flow's
 process, so the shards only read inputs and write their own clips.

@@ -312,6 +312,7 @@ class PathsConfig(Section):
     samples: str = "data/samples"
     metrics: str = "metrics"
     plots: str = "plots"
+    references: str = "data/references.pt"  # evaluate_references: real-clip features, classifier, static/oracle rows
     finetune: str = "data/finetune"  # finetune_decoder: new-domain frames, manifest, LFAE with the tuned Ω
     checkpoints: str = "data/checkpoints"  # in-progress training state (resume); not a DVC out
 
@@ -323,8 +324,8 @@ class TrackingConfig(Section):
 
 
 class ParallelConfig(Section):
-    """How the Prefect flow spreads the clip-by-clip stages (extract_flow, sample, evaluate) over Dask
-    (docs/scaling.md). Their outputs do not depend on it, so it is no DVC param of theirs."""
+    """How the Prefect flow spreads the clip-by-clip stages (extract_flow, sample, evaluate_references,
+    evaluate) over Dask (docs/scaling.md). Their outputs do not depend on it, so it is no DVC param of theirs."""
 
     dask: bool = False  # true: each of those stages runs its shards as Prefect tasks on a Dask task runner
     shards: int = Field(4, ge=1)  # pieces per stage, each of whole batches

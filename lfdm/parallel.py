@@ -1,4 +1,5 @@
-"""Shards for the stages that work clip by clip (``extract_flow``, ``sample``, ``evaluate``).
+"""Shards for the stages that work clip by clip (``extract_flow``, ``sample``, ``evaluate_references``,
+``evaluate``: :data:`stages.SHARDED`).
 
 Such a stage splits its work into shards of whole batches, runs one function per shard and merges what
 the shards return. A :data:`MapShards` decides where the shards run: :func:`serial` runs them in order

@@ -28,10 +28,11 @@ STAGES: dict[str, tuple[str, ...]] = {
     "embed_labels": ("device", "text", "sample.extra_labels"),
     "train_dm": ("seed", "device", "precision", "dm", "train_dm"),
     "sample": ("device", "text", "sample"),
-    "evaluate": ("seed", "device", "sample.fps", "evaluate"),
+    "evaluate_references": ("seed", "device", "evaluate"),
+    "evaluate": ("device", "sample.fps", "evaluate"),
 }
 # stages that work clip by clip: ``run(params, shards, map_shards)`` splits them (lfdm.parallel)
-SHARDED = ("extract_flow", "sample", "evaluate")
+SHARDED = ("extract_flow", "sample", "evaluate_references", "evaluate")
 
 
 def execute(name: str, params: Params, map_shards: MapShards | None = None) -> dict[str, float]:

@@ -15,6 +15,10 @@ given image; protocols in docs/results.md):
 - ``fvd_seen/lfdm`` vs ``fvd_unseen/lfdm`` (paper Table 2): FVD of videos generated from training images
   (``sample.seen_videos`` of them) and from as many test images.
 
+The real clips' features, the ``static`` and ``oracle`` rows and the condition classifier come from the
+``evaluate_references`` stage (``paths.references``), which runs again only when the LFAE, the test clips or
+the ``evaluate`` params change; this stage extracts the generated videos' features.
+
 Also written: ``<paths.metrics>/evaluate_table.md`` (the table), per-frame L1 curves and a real | generated
 video grid (DVC plots), all logged to the MLflow run.
 """
@@ -35,15 +39,13 @@ from lfdm import tracking
 from lfdm.config import Params
 from lfdm.data import FlowStore, FrameStore, ManifestRow, read_manifest
 from lfdm.device import resolve_device
-from lfdm.metrics import I3DFeatures, MobileNetFeatures, feature_frechet_distance, grouped_fvd, load_i3d
-from lfdm.metrics.classifier import accuracy, train_classifier
-from lfdm.models.checkpoints import load_lfae
+from lfdm.metrics import I3DFeatures, MobileNetFeatures, feature_frechet_distance, load_i3d
+from lfdm.metrics.classifier import accuracy
+from lfdm.metrics.evaluation import METHODS, References, downsized, method_metrics, per_frame_l1, read_frames
 from lfdm.models.warp import from_diffusion_tensor, identity_grid
 from lfdm.parallel import MapShards, batch_shards, serial
 from lfdm.video import write_video
-from lfdm.viz import to_uint8, video_grid
-
-METHODS = ("lfdm", "static", "oracle")
+from lfdm.viz import video_grid
 
 
 def mean_trajectory(x: torch.Tensor) -> torch.Tensor:
@@ -57,10 +59,10 @@ def mean_trajectory(x: torch.Tensor) -> torch.Tensor:
 class ShardResult:
     """What one shard of clips contributes; the lists and arrays follow the clips' order."""
 
-    i3d: dict[str, np.ndarray]  # "real" and each method → (N, 400) I3D logits
-    mobilenet: dict[str, np.ndarray] = field(default_factory=dict)  # → (N·(K−1), D) frame features
-    l1: dict[str, torch.Tensor] = field(default_factory=dict)  # method → (N, K−1) per-frame L1
-    classifier_input: dict[str, torch.Tensor] = field(default_factory=dict)  # → (N, K, 3, s, s) in [0, 1]
+    i3d: dict[str, np.ndarray]  # "lfdm" (and "real" for seen clips) → (N, 400) I3D logits
+    mobilenet: np.ndarray | None = None  # generated frames 1..K-1 → (N·(K−1), D) features
+    l1: torch.Tensor | None = None  # (N, K−1) per-frame L1 of the generated videos
+    classifier_input: torch.Tensor | None = None  # (N, K, 3, s, s) in [0, 1]
     cosines: list[float] = field(default_factory=list)
     grid: torch.Tensor | None = None  # uint8 (n, K, 3, H, 2W): real | lfdm, the shard's first videos
 
@@ -68,9 +70,12 @@ class ShardResult:
 def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str, float]:
     device, cfg = resolve_device(p.device), p.evaluate
     tests = read_manifest(p.paths.manifest, split="test")
+    references = References.load(
+        p.paths.references, video_ids=[r.video_id for r in tests], frames=len(tests[0].frame_indices),
+        classifier_size=cfg.classifier_size, device=device,
+    )
     generated_ids = {row.source for row in read_manifest(Path(p.paths.samples) / "manifest.parquet")}
-    train = read_manifest(p.paths.manifest, split="train")
-    seen = [r for r in train if r.video_id in generated_ids]
+    seen = [r for r in read_manifest(p.paths.manifest, split="train") if r.video_id in generated_ids]
     jobs = [("test", b) for b in batch_shards(tests, cfg.batch_size, shards)]
     if len(seen) >= 2:  # Table 2: FVD on training images (seen) beside as many test images (unseen)
         jobs += [("seen", b) for b in batch_shards(seen, cfg.batch_size, shards)]
@@ -78,124 +83,72 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
     test = [part for (kind, _), part in zip(jobs, parts, strict=True) if kind == "test"]
     labels, subjects = [r.label for r in tests], [r.subject for r in tests]
 
-    def joined(key: str, name: str, of: list[ShardResult] = test):
-        values = [getattr(part, key)[name] for part in of]
+    def joined(values: list):
         return torch.cat(values) if isinstance(values[0], torch.Tensor) else np.concatenate(values)
 
-    metrics: dict[str, float] = {
-        "test_videos": len(tests), "flow_cosine": float(np.mean([c for part in test for c in part.cosines]))
+    generated = {
+        "i3d": joined([part.i3d["lfdm"] for part in test]), "mobilenet": joined([part.mobilenet for part in test])
     }
-    per_frame = {m: joined("l1", m) for m in METHODS}
-    for m in METHODS:
-        metrics[f"l1/{m}"] = float(per_frame[m].mean())
-    real_i3d, real_mobilenet = joined("i3d", "real"), joined("mobilenet", "real")
-    for m in METHODS:
-        metrics[f"fvd/{m}"] = feature_frechet_distance(real_i3d, joined("i3d", m))
-        for key, groups in (("cfvd", labels), ("sfvd", subjects)):
-            keep = _in_groups_of_two(groups)  # a covariance needs two videos; tiny test sets lack them
-            if keep.any():
-                groups = np.asarray(groups)[keep]
-                mean, std = grouped_fvd(real_i3d[keep], joined("i3d", m)[keep], groups, groups)
-                metrics[f"{key}/{m}"], metrics[f"{key}_std/{m}"] = mean, std
-        metrics[f"fid_mobilenetv2/{m}"] = feature_frechet_distance(real_mobilenet, joined("mobilenet", m))
+    l1 = joined([part.l1 for part in test])
+    metrics: dict[str, float] = {
+        "test_videos": len(tests), "flow_cosine": float(np.mean([c for part in test for c in part.cosines])),
+        **references.metrics, **method_metrics("lfdm", references.real, generated, l1, labels, subjects),
+        "accuracy/lfdm": accuracy(references.classifier, references.classes,
+                                  joined([part.classifier_input for part in test]), labels),
+    }
 
     if seen_parts := [part for (kind, _), part in zip(jobs, parts, strict=True) if kind == "seen"]:
         unseen = np.linspace(0, len(tests) - 1, min(len(seen), len(tests))).round().astype(int)
         metrics["fvd_seen/lfdm"] = feature_frechet_distance(
-            joined("i3d", "real", seen_parts), joined("i3d", "lfdm", seen_parts)
+            joined([part.i3d["real"] for part in seen_parts]), joined([part.i3d["lfdm"] for part in seen_parts])
         )
-        metrics["fvd_unseen/lfdm"] = feature_frechet_distance(real_i3d[unseen], joined("i3d", "lfdm")[unseen])
+        metrics["fvd_unseen/lfdm"] = feature_frechet_distance(references.real["i3d"][unseen], generated["i3d"][unseen])
         metrics["seen_videos"] = len(seen)
 
-    real_frames = FrameStore(p.paths.frames)
-    train_videos = torch.stack([_frames(real_frames, r) for r in train])
-    classifier, classes = train_classifier(
-        _downsized(train_videos, cfg.classifier_size), [r.label for r in train],
-        steps=cfg.classifier_steps, seed=p.seed, device=device,
-    )
-    for name in ("real", *METHODS):
-        metrics[f"accuracy/{name}"] = accuracy(classifier, classes, joined("classifier_input", name), labels)
-
     grid = torch.cat([part.grid for part in test])[: cfg.max_grid_videos]
-    write_outputs(p, metrics, per_frame, grid)
+    write_outputs(p, metrics, {"lfdm": l1, **references.l1}, grid)
     return metrics
 
 
 def evaluate_shard(p: Params, job: tuple[str, list[tuple[int, list[ManifestRow]]]]) -> ShardResult:
-    """Features of one shard of test clips (``"test"``: everything the metrics need) or of training
-    clips generated for the seen-vs-unseen FVD (``"seen"``: I3D features of real and generated only)."""
+    """Features of one shard of generated test videos (``"test"``: everything the metrics need) or of
+    training clips generated for the seen-vs-unseen FVD (``"seen"``: I3D features of real and generated)."""
     kind, batches = job
     device, cfg = resolve_device(p.device), p.evaluate
     rows = [row for _, batch in batches for row in batch]
-    videos, cosines = collect_videos(p, rows, device)  # uint8 (N, K, 3, H, W) per method and "real"
-    if kind == "seen":
-        videos = {name: videos[name] for name in ("real", "lfdm")}
+    real, generated, cosines = collect_videos(p, rows)  # uint8 (N, K, 3, H, W)
     i3d = I3DFeatures(load_i3d().to(device), batch_size=cfg.batch_size)
+    videos = {"real": real, "lfdm": generated} if kind == "seen" else {"lfdm": generated}
     result = ShardResult(
         i3d={name: i3d(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False)) for name, v in videos.items()}
     )
     if kind == "seen":
         return result
-    real = videos["real"].float() / 255
-    mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)
-    result.mobilenet = {name: mobilenet(v[:, 1:].flatten(0, 1)) for name, v in videos.items() if name != "static"}
-    # a static video's frames are all x0: one forward per video instead of K − 1
-    result.mobilenet["static"] = np.repeat(mobilenet(videos["real"][:, 0]), real.shape[1] - 1, axis=0)
-    result.l1 = {m: (videos[m].float() / 255 - real).abs().mean(dim=(2, 3, 4))[:, 1:] for m in METHODS}
-    result.classifier_input = {name: _downsized(v, cfg.classifier_size) for name, v in videos.items()}
+    result.mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)(generated[:, 1:].flatten(0, 1))
+    result.l1 = per_frame_l1(generated, real)
+    result.classifier_input = downsized(generated, cfg.classifier_size)
     result.cosines = cosines
-    result.grid = torch.cat((videos["real"], videos["lfdm"]), dim=-1)[: cfg.max_grid_videos]  # real | generated
+    result.grid = torch.cat((real, generated), dim=-1)[: cfg.max_grid_videos]  # real | generated
     return result
 
 
-def collect_videos(
-    p: Params, rows: list[ManifestRow], device: torch.device
-) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Real, generated, static and oracle videos of the clips ``rows`` as uint8 ``(N, K, 3, H, W)``, and
-    the cosines between generated and real flow trajectories."""
-    lfae, _ = load_lfae(p.paths.lfae, device)
+def collect_videos(p: Params, rows: list[ManifestRow]) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Real and generated videos of the clips ``rows`` as uint8 ``(N, K, 3, H, W)``, and the cosines between
+    generated and real flow trajectories."""
     samples_dir = Path(p.paths.samples)
     real, generated = FrameStore(p.paths.frames), FrameStore(samples_dir / "frames.zarr")
     real_flows, generated_flows = FlowStore(p.paths.flows), FlowStore(samples_dir / "flows.zarr")
     sample_of = {row.source: row for row in read_manifest(samples_dir / "manifest.parquet") if row.source == row.video_id}
-    videos: dict[str, list[torch.Tensor]] = {"real": [], **{m: [] for m in METHODS}}
-    cosines = []
-    with torch.inference_mode():
-        for row in tqdm(rows, desc="evaluate: oracle", unit="clip"):
-            truth = _frames(real, row)
-            flow, _ = real_flows.read(row.video_id)
-            grid, occlusion = from_diffusion_tensor(torch.from_numpy(flow)[None].to(device))
-            x0 = truth[:1].to(device).float() / 255
-            oracle = lfae.decode(lfae.encode(x0), x0, grid[0], occlusion[0])
-            generated_id = sample_of[row.video_id].video_id
-            videos["real"].append(truth)
-            videos["lfdm"].append(_frames(generated, generated_id))
-            videos["static"].append(truth[:1].expand_as(truth))
-            videos["oracle"].append(torch.from_numpy(to_uint8(oracle)).permute(0, 3, 1, 2))
-            generated_flow, _ = generated_flows.read(generated_id)
-            cosines.append(F.cosine_similarity(
-                mean_trajectory(torch.from_numpy(generated_flow)), mean_trajectory(torch.from_numpy(flow)), dim=0
-            ).item())
-    return {name: torch.stack(v) for name, v in videos.items()}, cosines
-
-
-def _in_groups_of_two(groups: list[str]) -> np.ndarray:
-    values, counts = np.unique(groups, return_counts=True)
-    return np.isin(groups, values[counts >= 2])
-
-
-def _frames(store: FrameStore, row: ManifestRow | str) -> torch.Tensor:
-    """A clip's K frames (a manifest row) or a whole stored video (an id) as uint8 ``(K, 3, H, W)``."""
-    frames = store.read(row) if isinstance(row, str) else store.read(row.video_id, row.frame_indices)
-    return torch.from_numpy(frames).permute(0, 3, 1, 2)
-
-
-def _downsized(videos: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``(N, K, 3, H, W)`` → float ``(N, K, 3, size, size)`` in [0, 1] (antialiased)."""
-    x = videos.flatten(0, 1).float() / 255
-    if x.shape[-1] != size:
-        x = F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-    return x.unflatten(0, videos.shape[:2])
+    real_videos, generated_videos, cosines = [], [], []
+    for row in tqdm(rows, desc="evaluate: read", unit="clip"):
+        generated_id = sample_of[row.video_id].video_id
+        real_videos.append(read_frames(real, row))
+        generated_videos.append(read_frames(generated, generated_id))
+        (flow, _), (generated_flow, _) = real_flows.read(row.video_id), generated_flows.read(generated_id)
+        cosines.append(F.cosine_similarity(
+            mean_trajectory(torch.from_numpy(generated_flow)), mean_trajectory(torch.from_numpy(flow)), dim=0
+        ).item())
+    return torch.stack(real_videos), torch.stack(generated_videos), cosines
 
 
 def write_outputs(p: Params, metrics: dict[str, float], per_frame: dict[str, torch.Tensor], pairs: torch.Tensor) -> None:

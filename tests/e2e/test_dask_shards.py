@@ -29,7 +29,8 @@ from stages import SHARDED, execute
 
 p = load_params()
 p = p.model_copy(update={"paths": p.paths.model_copy(update={
-    "flows": "dask/flows.zarr", "samples": "dask/samples", "metrics": "dask/metrics", "plots": "dask/plots"})})
+    "flows": "dask/flows.zarr", "samples": "dask/samples", "references": "dask/references.pt", "metrics": "dask/metrics",
+    "plots": "dask/plots"})})
 cluster = ParallelConfig(dask=True, shards=3, workers=2)
 for name in SHARDED:
     execute(name, p, dask_map_shards(cluster, name))
@@ -62,8 +63,9 @@ def test_two_dask_workers_write_what_the_serial_run_wrote(tmp_path, prefect_serv
     assert (sharded / "samples/gifs").is_dir() and len(list((sharded / "samples/gifs").iterdir())) == len(
         list((serial / "samples/gifs").iterdir()))
 
-    want = json.loads((project / "metrics/evaluate.json").read_text())
-    got = json.loads((project / "dask/metrics/evaluate.json").read_text())
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        assert got[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+    for stage in ("evaluate_references", "evaluate"):
+        want = json.loads((project / f"metrics/{stage}.json").read_text())
+        got = json.loads((project / f"dask/metrics/{stage}.json").read_text())
+        assert got.keys() == want.keys() and want, stage
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-3, abs=1e-3), f"{stage}: {key}"

@@ -22,7 +22,7 @@ from PIL import Image
 from lfdm.config import load_params
 from lfdm.data import FrameStore, read_manifest
 from lfdm.video import count_frames
-from stages import STAGES
+from stages import SHARDED, STAGES
 
 from .conftest import BIN, make_project, service_env, stop
 
@@ -42,7 +42,8 @@ def stages_ran(output: str) -> list[str]:
 
 def assert_pipeline_outputs(project: Path) -> None:
     p = load_params(project / "params.yaml")
-    for out in (p.paths.frames, p.paths.manifest, p.paths.lfae, p.paths.flows, p.paths.embeddings, p.paths.dm):
+    for out in (p.paths.frames, p.paths.manifest, p.paths.lfae, p.paths.flows, p.paths.embeddings, p.paths.dm,
+                p.paths.references):
         assert (project / out).exists(), out
     samples = project / p.paths.samples
     assert (samples / "manifest.parquet").is_file() and any((samples / "gifs").glob("*.gif"))
@@ -139,7 +140,7 @@ def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_s
     finally:
         stop(serve)
     served = log.read_text()
-    for stage in ("extract_flow", "sample", "evaluate"):
+    for stage in SHARDED:
         assert f"{stage}-shards" in served, served[-3000:]  # the stage's shards ran as a Dask sub-flow
 
     assert_pipeline_outputs(project)
