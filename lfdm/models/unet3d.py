@@ -71,6 +71,11 @@ class RelativePositionBias(nn.Module):
 class Attention(nn.Module):
     """Pre-norm multi-head self-attention with a residual; subclasses choose the token axis."""
 
+    # sequences are attended in chunks of at most this many q/k/v values (16 MB in fp32): a whole batch's
+    # projection is gigabytes at the paper's shape, and a cache-sized chunk is also faster on a CPU
+    # (docs/benchmarks.md: a paper-shape guided step of 10 clips 1.4–1.8× faster at about half the memory)
+    chunk_values = 2**22
+
     def __init__(self, dim: int, *, heads: int, dim_head: int) -> None:
         super().__init__()
         self.heads = heads
@@ -80,6 +85,11 @@ class Attention(nn.Module):
 
     def attend(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """Tokens ``(N, L, C)`` → ``(N, L, C)``; ``bias`` ``(heads, L, L)`` is added to the logits."""
+        rows = max(1, self.chunk_values // (x.shape[1] * self.to_qkv.out_features))
+        chunks = [self.attend_chunk(chunk, bias) for chunk in x.split(rows)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def attend_chunk(self, x: Tensor, bias: Tensor | None) -> Tensor:
         # dense token rows for the norm and projection; q, k, v are views split off the projection's own
         # axis, so backward stacks their gradients straight into its layout (no permuted copy)
         qkv = self.to_qkv(self.norm(x.contiguous())).unflatten(-1, (3, self.heads, -1))

@@ -188,3 +188,17 @@ def test_temporal_attention_is_biased_softmax_attention_on_the_fused_kernel() ->
     weights = (q @ k.transpose(-1, -2) / 2 + bias).softmax(-1)  # 1/√dim_head = 1/2
     expected = tokens + attn.to_out(rearrange(weights @ v, "n h k d -> n k (h d)"))
     assert torch.allclose(out, rearrange(expected, "(b h w) k c -> (b k) c h w", h=2, w=2), atol=1e-5)
+
+
+def test_attention_in_chunks_is_attention_over_the_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = make(), inputs()
+    whole = model(**x)
+    calls = []
+    original = unet3d.Attention.attend_chunk
+    monkeypatch.setattr(unet3d.Attention, "attend_chunk", lambda self, *a: calls.append(1) or original(self, *a))
+    model(**x)
+    layers = len(calls)
+    monkeypatch.setattr(unet3d.Attention, "chunk_values", 1)  # one sequence per chunk
+    chunked = model(**x)
+    assert len(calls) - layers > 2 * layers  # it did split
+    assert torch.allclose(chunked, whole, atol=1e-6)
