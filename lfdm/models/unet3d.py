@@ -86,8 +86,9 @@ class Attention(nn.Module):
     def attend(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """Tokens ``(N, L, C)`` → ``(N, L, C)``; ``bias`` ``(heads, L, L)`` is added to the logits."""
         rows = max(1, self.chunk_values // (x.shape[1] * self.to_qkv.out_features))
-        chunks = [self.attend_chunk(chunk, bias) for chunk in x.split(rows)]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        if len(x) <= rows:  # no split: autograd would add a node that reorders gradient sums (float rounding)
+            return self.attend_chunk(x, bias)
+        return torch.cat([self.attend_chunk(chunk, bias) for chunk in x.split(rows)])
 
     def attend_chunk(self, x: Tensor, bias: Tensor | None) -> Tensor:
         # dense token rows for the norm and projection; q, k, v are views split off the projection's own
