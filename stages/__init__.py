@@ -9,6 +9,7 @@ import functools
 import importlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,9 @@ STAGES: dict[str, tuple[str, ...]] = {
 }
 # stages that work clip by clip: ``run(params, shards, map_shards)`` splits them (lfdm.parallel)
 SHARDED = ("extract_flow", "sample", "evaluate_references", "evaluate")
+# the Prefect flow runs independent stages in threads of one process, and diffusers' and transformers' lazy
+# modules are not safe to import from two threads at once ("cannot import name 'DDIMScheduler'")
+_IMPORT_LOCK = threading.Lock()
 
 
 def execute(name: str, params: Params, map_shards: MapShards | None = None) -> dict[str, float]:
@@ -51,7 +55,7 @@ def execute(name: str, params: Params, map_shards: MapShards | None = None) -> d
         with _tracked(name, params) as run_id:
             distributed.launch(name, params, nproc, env={RUN_ENV: run_id} if run_id else None)
         return json.loads(out.read_text())
-    run = importlib.import_module(f"stages.{name}").run
+    run = stage_function(name)
     if map_shards is not None and name in SHARDED:
         run = functools.partial(run, shards=params.parallel.shards, map_shards=map_shards)
     with _tracked(name, params) as run_id:
@@ -64,6 +68,12 @@ def execute(name: str, params: Params, map_shards: MapShards | None = None) -> d
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
+
+
+def stage_function(name: str):
+    """``stages/<name>.py: run``, imported under a lock (safe from any thread)."""
+    with _IMPORT_LOCK:
+        return importlib.import_module(f"stages.{name}").run
 
 
 @contextlib.contextmanager
