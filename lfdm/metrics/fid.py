@@ -16,11 +16,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.experimental.optimization import fuse
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from lfdm.losses import IMAGENET_MEAN, IMAGENET_STD, load_imagenet_model
 
 INPUT_SIZE = 224
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Fold each eval-mode BatchNorm2d that directly follows a Conv2d in a Sequential into that convolution.
+    (Not ``torch.fx``'s ``fuse``: fx patches ``nn.Module.__call__`` process-wide while it traces, which breaks a
+    model running in another thread — the Prefect flow runs independent stages in threads.)"""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
+    return model
 
 
 class MobileNetFeatures(nn.Module):
@@ -31,7 +42,7 @@ class MobileNetFeatures(nn.Module):
         super().__init__()
         # inference only: batch norms folded into the convolutions, channels-last for oneDNN — together 3.7×
         # faster on the CPU, features equal to 1e-5
-        features = fuse(load_imagenet_model("mobilenet_v2", weights).features.eval())
+        features = fold_batch_norms(load_imagenet_model("mobilenet_v2", weights).features.eval())
         self.features = features.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

@@ -272,6 +272,7 @@ def test_mobilenet_features_equal_the_unfused_network(real_videos: torch.Tensor)
         expected = reference(extractor.preprocess(frames).contiguous()).mean(dim=(2, 3)).double().numpy()
     np.testing.assert_allclose(extractor(frames), expected, rtol=0, atol=1e-4)
     assert expected.shape == (20, 1280) and expected.std() > 0.1
+    assert not [m for m in extractor.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # every one folded
 
 
 def test_fvd_of_a_set_with_itself_is_zero_and_fvd_is_symmetric(real_features: np.ndarray) -> None:
