@@ -4,7 +4,8 @@ Each task calls ``stages.execute(name, params)`` — the very function ``dvc rep
 DVC stays the source of truth: the stage graph comes from dvc.yaml, a stage whose deps, params and outs
 are unchanged is skipped (``dvc status``), and a stage that ran is recorded in dvc.lock (``dvc commit``),
 so ``dvc repro`` after a Prefect run has nothing to do. Independent stages (``embed_labels`` beside
-``train_lfae`` → ``extract_flow``) run concurrently. With ``parallel.dask`` the clip-by-clip stages run
+``train_lfae`` → ``extract_flow``, ``evaluate_references`` beside ``train_dm`` → ``sample``) run concurrently,
+as threads of this process. With ``parallel.dask`` the clip-by-clip stages run
 their shards on a Dask cluster (:mod:`flows.dask_shards`).
 """
 
