@@ -41,7 +41,15 @@ from lfdm.data import FlowStore, FrameStore, ManifestRow, read_manifest
 from lfdm.device import resolve_device
 from lfdm.metrics import I3DFeatures, MobileNetFeatures, feature_frechet_distance, load_i3d
 from lfdm.metrics.classifier import accuracy
-from lfdm.metrics.evaluation import METHODS, References, downsized, method_metrics, per_frame_l1, read_frames
+from lfdm.metrics.evaluation import (
+    METHODS,
+    References,
+    concatenated,
+    downsized,
+    method_metrics,
+    per_frame_l1,
+    read_frames,
+)
 from lfdm.models.warp import from_diffusion_tensor, identity_grid
 from lfdm.parallel import MapShards, batch_shards, serial
 from lfdm.video import write_video
@@ -83,25 +91,23 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
     test = [part for (kind, _), part in zip(jobs, parts, strict=True) if kind == "test"]
     labels, subjects = [r.label for r in tests], [r.subject for r in tests]
 
-    def joined(values: list):
-        return torch.cat(values) if isinstance(values[0], torch.Tensor) else np.concatenate(values)
-
     generated = {
-        "i3d": joined([part.i3d["lfdm"] for part in test]), "mobilenet": joined([part.mobilenet for part in test])
+        "i3d": concatenated([part.i3d["lfdm"] for part in test]),
+        "mobilenet": concatenated([part.mobilenet for part in test]),
     }
-    l1 = joined([part.l1 for part in test])
+    l1 = concatenated([part.l1 for part in test])
     metrics: dict[str, float] = {
         "test_videos": len(tests), "flow_cosine": float(np.mean([c for part in test for c in part.cosines])),
         **references.metrics, **method_metrics("lfdm", references.real, generated, l1, labels, subjects),
         "accuracy/lfdm": accuracy(references.classifier, references.classes,
-                                  joined([part.classifier_input for part in test]), labels),
+                                  concatenated([part.classifier_input for part in test]), labels),
     }
 
     if seen_parts := [part for (kind, _), part in zip(jobs, parts, strict=True) if kind == "seen"]:
         unseen = np.linspace(0, len(tests) - 1, min(len(seen), len(tests))).round().astype(int)
-        metrics["fvd_seen/lfdm"] = feature_frechet_distance(
-            joined([part.i3d["real"] for part in seen_parts]), joined([part.i3d["lfdm"] for part in seen_parts])
-        )
+        metrics["fvd_seen/lfdm"] = feature_frechet_distance(*(
+            concatenated([part.i3d[name] for part in seen_parts]) for name in ("real", "lfdm")
+        ))
         metrics["fvd_unseen/lfdm"] = feature_frechet_distance(references.real["i3d"][unseen], generated["i3d"][unseen])
         metrics["seen_videos"] = len(seen)
 

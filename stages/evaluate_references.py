@@ -22,6 +22,7 @@ from lfdm.metrics.classifier import accuracy, train_classifier
 from lfdm.metrics.evaluation import (
     REFERENCE_METHODS,
     References,
+    concatenated,
     downsized,
     method_metrics,
     per_frame_l1,
@@ -49,15 +50,15 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
     parts = map_shards(functools.partial(reference_shard, p), batch_shards(tests, cfg.batch_size, shards))
 
     def joined(key: str, name: str):
-        values = [getattr(part, key)[name] for part in parts]
-        return torch.cat(values) if isinstance(values[0], torch.Tensor) else np.concatenate(values)
+        return concatenated([getattr(part, key)[name] for part in parts])
 
     real = {key: joined(key, "real") for key in ("i3d", "mobilenet")}
+    l1 = {m: joined("l1", m) for m in REFERENCE_METHODS}
     labels, subjects = [r.label for r in tests], [r.subject for r in tests]
     metrics: dict[str, float] = {}
     for m in REFERENCE_METHODS:
         fake = {key: joined(key, m) for key in ("i3d", "mobilenet")}
-        metrics |= method_metrics(m, real, fake, joined("l1", m), labels, subjects)
+        metrics |= method_metrics(m, real, fake, l1[m], labels, subjects)
 
     frames = FrameStore(p.paths.frames)
     classifier, classes = train_classifier(
@@ -68,7 +69,7 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
         metrics[f"accuracy/{name}"] = accuracy(classifier, classes, joined("classifier_input", name), labels)
 
     References(
-        video_ids=[r.video_id for r in tests], real=real, l1={m: joined("l1", m) for m in REFERENCE_METHODS},
+        video_ids=[r.video_id for r in tests], real=real, l1=l1,
         classifier=classifier.cpu(), classes=classes, classifier_size=cfg.classifier_size, metrics=metrics,
     ).save(p.paths.references)
     return metrics

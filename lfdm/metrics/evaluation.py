@@ -94,6 +94,11 @@ class References:
                    classifier.to(device).eval(), saved["classes"], saved["classifier_size"], saved["metrics"])
 
 
+def concatenated(parts: Sequence[torch.Tensor] | Sequence[np.ndarray]) -> torch.Tensor | np.ndarray:
+    """Shards' results, in shard order, as one tensor or array."""
+    return torch.cat(list(parts)) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
+
+
 def read_frames(store: FrameStore, row: ManifestRow | str) -> torch.Tensor:
     """A clip's K frames (a manifest row) or a whole stored video (an id) as uint8 ``(K, 3, H, W)``."""
     frames = store.read(row) if isinstance(row, str) else store.read(row.video_id, row.frame_indices)
