@@ -222,13 +222,13 @@ def _render(
     return np.clip(np.rint(frames * 255), 0, 255).astype(np.uint8), camera.astype(np.float32)
 
 
-def true_flow(camera: np.ndarray, source: int, driving: int, latent_size: int) -> np.ndarray:
+def true_flow(camera: np.ndarray, source: int, driving: int, latent_size: int, image_size: int) -> np.ndarray:
     """The exact backward flow grid ``(h, w, 2)`` from frame ``driving`` to frame ``source`` of a clip
-    with ``camera`` (:class:`Clip`), in the LFAE's latent convention (:func:`lfdm.models.warp.identity_grid`:
-    ±1 at the corner latent pixels' centres, which lie at ±(h−1)/h in frame coordinates)."""
-    h = latent_size
-    edge = (h - 1) / h
-    z = np.linspace(-1, 1, h)
+    with ``camera`` (:class:`Clip`), in the convention of :mod:`lfdm.models.warp`: grid values are
+    ``align_corners=True`` coordinates of the ``image_size`` frame (±1 at its corner pixels' centres, which
+    lie at ±(W−1)/W in the camera's frame coordinates), sampled at the ``latent_size`` identity grid."""
+    edge = (image_size - 1) / image_size
+    z = np.linspace(-1, 1, latent_size)
     zx, zy = np.meshgrid(z, z)
     frame = np.stack((zx * edge, zy * edge, np.ones_like(zx)), axis=-1)  # driving frame (u, v, 1)
     photo = frame @ camera[driving].T.astype(np.float64)

@@ -23,12 +23,13 @@ def identity_grid(height: int, width: int, device=None, dtype=None) -> torch.Ten
     return torch.stack((grid_x, grid_y), dim=-1)
 
 
-def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Backward-warp ``x (B, C, H, W)`` with ``grid (B, h, w, 2)``, resizing the grid to ``x`` if needed."""
+def warp(x: torch.Tensor, grid: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Backward-warp ``x (B, C, H, W)`` with ``grid (B, h, w, 2)``, resizing the grid to ``x`` if needed.
+    Places outside ``x`` read zeros (the LFAE, as the official code), or the nearest edge (``"border"``)."""
     if grid.shape[1:3] != x.shape[2:]:
         grid = F.interpolate(grid.permute(0, 3, 1, 2), size=x.shape[2:], mode="bilinear", align_corners=True)
         grid = grid.permute(0, 2, 3, 1)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode=padding, align_corners=True)
 
 
 def to_diffusion_tensor(grid: torch.Tensor, occlusion: torch.Tensor) -> torch.Tensor:
