@@ -82,6 +82,9 @@ class LFAEConfig(Section):
     # "skips": the official code's decoder (warps every encoder scale, blends the warped source image);
     # "latent": the paper's text, Ω(m ⊙ W(z0, f)) only. See docs/model.md.
     decoder: Literal["skips", "latent"] = "skips"
+    # what Ω's warps read where the flow points outside the source: zeros (official code) or the nearest
+    # edge, which leaves far less for Ω to paint in when the camera moves (docs/model.md)
+    padding: Literal["zeros", "border"] = "border"
     num_regions: int = Field(10, ge=1)
     region_temperature: float = Field(0.1, gt=0)
     region_pad: int = Field(3, ge=0)  # padding of the 7×7 heatmap conv: 3 keeps size, 0 shrinks by 6
@@ -100,6 +103,11 @@ class LFAEConfig(Section):
     bg_scale: float = Field(0.5, gt=0, le=1)
     bg_coords: bool = True
     use_background: bool = True  # background affine motion predictor
+    # where F's motions come from: "mraa" (the paper: regions' positions and shapes in both frames, a background
+    # regressor), or "correlation" (affine fits of the local motion a cost volume finds: docs/model.md)
+    motion_estimator: Literal["mraa", "correlation"] = "correlation"
+    corr_channels: int = Field(32, ge=2)  # correlation: feature channels compared
+    corr_radius: int = Field(4, ge=1)  # correlation: the largest displacement compared, in latent pixels
 
     @field_validator("bg_scale")
     @classmethod
@@ -111,6 +119,14 @@ class LFAEConfig(Section):
     @property
     def latent_channels(self) -> int:
         return self.base_channels * 4
+
+    @property
+    def flow_predictor_keys(self) -> set[str]:
+        """The keys that build F (all but Φ's and Ω's)."""
+        return set(type(self).model_fields) - {"base_channels", "decoder_res_blocks", "decoder", "padding"}
+
+
+LRScheduleName = Literal["linear", "cosine", "multistep"]
 
 
 class EquivarianceConfig(Section):
@@ -127,12 +143,41 @@ class PerceptualConfig(Section):
     weight: float = Field(10.0, ge=0)
 
 
+TeacherName = Literal["dis_ultrafast", "dis_fast", "dis_medium", "farneback"]  # OpenCV's methods, lfdm.teacher
+
+
+class PretrainFlowConfig(Section):
+    """``pretrain_flow``: a classical optical-flow teacher's flows on the training clips distilled into F
+    (docs/model.md, "Stage one learns motion from a teacher")."""
+
+    teacher: TeacherName = "dis_medium"
+    teacher_scale: int = Field(4, ge=1)  # the teacher sees the frames this many times larger
+    pairs_per_clip: int = Field(24, ge=1)  # frame pairs per training clip (each also reversed in time)
+    augment: bool = True  # pairs reversed in time and under the eight symmetries of the square, at random
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)  # the lr decays linearly to 0
+    # loss weights beside the final flow's (1): the correlation estimator's local motion, the background
+    # affine's and each region's own motion against the teacher, the occlusion head against the teacher's
+    # visibility, FOMM's equivariance
+    local_weight: float = Field(1.0, ge=0)
+    background_weight: float = Field(0.1, ge=0)
+    region_weight: float = Field(0.1, ge=0)
+    occlusion_weight: float = Field(0.1, ge=0)
+    equivariance: EquivarianceConfig = EquivarianceConfig(weight=0.0)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
 class TrainLFAEConfig(Section):
-    # an LFAE checkpoint to start from (its lfae section must equal ours); null trains from scratch
-    init: str | None = "assets/lfae-embedded-64.pt"
+    # where F starts: "pretrain_flow" (the distilled F of that stage, paths.flow_predictor), an LFAE or
+    # flow-predictor checkpoint (its lfae section must equal ours), or null (from scratch, the paper)
+    init: str | None = "pretrain_flow"
     # keep the warm start's flow fixed (Φ, Ω and the occlusion head train); the paper trains F jointly
     freeze_motion: bool = True
-    steps: int = Field(50, ge=1)
+    steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
@@ -213,7 +258,6 @@ class DiffusionConfig(Section):
 
 SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]  # diffusers' names for DDIM's grid
-LRScheduleName = Literal["linear", "cosine", "multistep"]
 
 
 class SamplerConfig(Section):
@@ -305,6 +349,8 @@ class PathsConfig(Section):
 
     frames: str = "data/frames.zarr"
     manifest: str = "data/manifest.parquet"
+    flow_predictor: str = "data/models/flow_predictor.pt"  # pretrain_flow's F (tracked by git: shipped)
+    teacher_flows: str = "data/teacher_flows.zarr"  # pretrain_flow's cache of the teacher's flows
     lfae: str = "data/models/lfae.pt"
     flows: str = "data/flows.zarr"
     embeddings: str = "data/embeddings.pt"
@@ -343,6 +389,7 @@ class Params(Section):
     parallel: ParallelConfig = ParallelConfig()
     data: DataConfig = DataConfig()
     lfae: LFAEConfig = LFAEConfig()
+    pretrain_flow: PretrainFlowConfig = PretrainFlowConfig()
     train_lfae: TrainLFAEConfig = TrainLFAEConfig()
     text: TextConfig = TextConfig()
     dm: DMConfig = DMConfig()

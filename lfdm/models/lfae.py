@@ -24,6 +24,8 @@ from lfdm.models.warp import identity_grid, warp
 LATENT_SCALE = 0.25  # the encoder's two down blocks
 REGION_VAR = 0.01  # MRAA's isotropic heatmap variance, used when regions carry no covariance
 REGION_VAR_FLOOR = 1e-6  # added to region covariances (a std of 0.001, ~1/130 latent pixel at 16²)
+AFFINE_RIDGE = 1e-3  # fit_affine: weight of "no deformation" against the data, per unit of weight
+ROBUST_ITERATIONS = 3  # robust_affine: reweighted least-squares rounds
 _EPS = 1e-12
 
 Regions = dict[str, Tensor]
@@ -210,9 +212,9 @@ class Decoder(nn.Module):
     finally the source image, are warped and blended in as ``W(x, f)·m + previous·(1 − m)``.
     """
 
-    def __init__(self, *, channels: int, res_blocks: int, skips: bool):
+    def __init__(self, *, channels: int, res_blocks: int, skips: bool, padding: str = "zeros"):
         super().__init__()
-        self.skips = skips
+        self.skips, self.padding = skips, padding
         self.bottleneck = nn.Sequential(*(ResBlock2d(4 * channels) for _ in range(res_blocks)))
         self.up_blocks = nn.ModuleList(
             [UpBlock2d(4 * channels, 2 * channels), UpBlock2d(2 * channels, channels)]
@@ -227,7 +229,7 @@ class Decoder(nn.Module):
 
         def blend(x: Tensor, previous: Tensor | None = None) -> Tensor:
             m = _resize(occlusion, x.shape[-2:])
-            warped = warp(x, flow) * m
+            warped = warp(x, flow, self.padding) * m
             return warped if previous is None else warped + previous * (1 - m)
 
         out = self.bottleneck(blend(features.latent))
@@ -297,7 +299,107 @@ def sparse_motions(source: Regions, driving: Regions, grid: Tensor, background: 
     return torch.cat((bg.unsqueeze(1), regions), dim=1)
 
 
+def fit_affine(flow: Tensor, weights: Tensor, ridge: float = AFFINE_RIDGE) -> Tensor:
+    """Weighted least-squares affine maps of a backward grid: ``flow (B, h, w, 2)``, ``weights (B, M, h, w)``
+    → ``(B, M, 2, 3)`` θ with ``θ·[z; 1] ≈ flow(z)`` (``F.affine_grid``'s form, align_corners=True).
+
+    The linear part is pulled towards the identity by ``ridge`` × each map's weight, so a map over few or
+    collinear pixels stays a well-posed translation rather than a singular fit."""
+    h, w = flow.shape[1:3]
+    with _fp32(flow):
+        grid = identity_grid(h, w, device=flow.device).reshape(-1, 2)
+        design = torch.cat((grid, torch.ones_like(grid[:, :1])), dim=1)  # (hw, 3)
+        weights, flow = weights.float().flatten(2), flow.float().reshape(len(flow), -1, 2)
+        normal = torch.einsum("bmn,ni,nj->bmij", weights, design, design)
+        target = torch.einsum("bmn,ni,bnj->bmij", weights, design, flow)
+        prior = ridge * weights.sum(-1)[..., None, None] * torch.diag(design.new_tensor([1.0, 1.0, 0.0]))
+        eye = torch.eye(3, 2, device=flow.device)  # the identity map: A = I, t = 0
+        theta = torch.linalg.solve(normal + prior + _EPS**0.5 * torch.eye(3, device=flow.device), target + prior @ eye)
+    return theta.transpose(-1, -2)
+
+
+def affine_motions(theta: Tensor, height: int, width: int) -> Tensor:
+    """``(B, M, 2, 3)`` affine maps → their grids ``(B, M, h, w, 2)``."""
+    b, m = theta.shape[:2]
+    grids = F.affine_grid(theta.flatten(0, 1), [b * m, 1, height, width], align_corners=True)
+    return grids.unflatten(0, (b, m))
+
+
+def robust_affine(flow: Tensor, iterations: int = ROBUST_ITERATIONS) -> Tensor:
+    """The dominant affine motion of ``flow (B, h, w, 2)``, ``(B, 1, 2, 3)``: least squares reweighted by a
+    Cauchy function of each pixel's residual (scale: one latent pixel), so the minority motions (a face
+    over a still background, a passing car) do not drag the fit."""
+    h, w = flow.shape[1:3]
+    weights = flow.new_ones(len(flow), 1, h, w)
+    for _ in range(iterations):
+        theta = fit_affine(flow, weights)
+        residual = (affine_motions(theta, h, w)[:, 0] - flow).norm(dim=-1) * ((max(h, w) - 1) / 2)
+        weights = (1 / (1 + residual.square())).detach()[:, None]
+    return fit_affine(flow, weights)
+
+
 # ---------------------------------------------------------------------------------- flow predictor
+
+
+class CorrelationFlow(nn.Module):
+    """Local motion from a cost volume (as PWC-Net and RAFT estimate flow): ``source, driving (B, 3, H, W)`` →
+    the backward grid ``(B, H/4, W/4, 2)``.
+
+    One encoder maps both frames to unit-length features at the latent size; every driving pixel's features
+    are compared with the source's at each displacement within ``radius`` latent pixels; a softmax of these
+    similarities (with a learnt temperature) averages the displacements — a soft arg-max, so motions come out
+    sub-pixel — and a small convolutional head refines that from the similarities, the motion and the
+    driving features. Matching is what makes motion learnable in minutes: F need not regress it from pooled
+    features (docs/model.md)."""
+
+    def __init__(self, *, channels: int, radius: int):
+        super().__init__()
+        self.radius = radius
+        self.encoder = nn.Sequential(
+            SameBlock2d(3, channels // 2),
+            DownBlock2d(channels // 2, channels),
+            DownBlock2d(channels, channels),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(0.1)))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
+        self.register_buffer("shifts", torch.stack((dx, dy), dim=-1).reshape(-1, 2), persistent=False)
+        self.refine = nn.Sequential(
+            nn.Conv2d(len(self.shifts) + 2 + channels, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 2, 3, padding=1),
+        )
+        nn.init.zeros_(self.refine[-1].weight)  # starts as the plain soft arg-max
+        nn.init.zeros_(self.refine[-1].bias)
+
+    def forward(self, source: Tensor, driving: Tensor) -> Tensor:
+        b = len(source)
+        features = F.normalize(self.encoder(torch.cat((source, driving))), dim=1)
+        src, drv = features[:b], features[b:]
+        h, w = src.shape[2:]
+        # all pairs of pixels in one matmul (cheap at the latent size), then each driving pixel's window
+        similarity = torch.bmm(drv.flatten(2).transpose(1, 2), src.flatten(2))  # (B, hw driving, hw source)
+        window, inside = self._window(h, w, similarity.device)
+        cost = similarity.gather(2, window.expand(b, -1, -1)).masked_fill(~inside, -1e4)  # (B, hw, shifts)
+        with _fp32(cost):
+            weights = F.softmax(cost.float() / self.log_temperature.exp(), dim=-1)
+            pixels = (weights @ self.shifts).transpose(1, 2).unflatten(-1, (h, w))  # (B, 2, h, w)
+        cost = cost.clamp_min(-1).transpose(1, 2).unflatten(-1, (h, w))
+        pixels = pixels + self.refine(torch.cat((cost, pixels.to(cost.dtype), drv), dim=1)).float()
+        scale = pixels.new_tensor([2 / (w - 1), 2 / (h - 1)])
+        return identity_grid(h, w, device=pixels.device) + pixels.permute(0, 2, 3, 1) * scale
+
+    def _window(self, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """For each pixel and shift: the index of the source pixel it compares with (clamped) ``(hw, S)``,
+        and whether that pixel is inside the frame."""
+        y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        sx, sy = self.shifts.long().T
+        tx, ty = x.reshape(-1, 1) + sx, y.reshape(-1, 1) + sy
+        inside = (tx >= 0) & (tx < w) & (ty >= 0) & (ty < h)
+        return (ty.clamp(0, h - 1) * w + tx.clamp(0, w - 1))[None], inside[None]
 
 
 class RegionPredictor(nn.Module):
@@ -383,62 +485,69 @@ class BackgroundPredictor(nn.Module):
 
 
 class PixelwiseFlowPredictor(nn.Module):
-    """Dense flow from sparse motions at the latent resolution (MRAA).
+    """Dense flow from a few candidate motions at the latent resolution (MRAA).
 
-    The hourglass sees, per motion (background first), a Gaussian heatmap difference (driving − source,
-    zero for the background) and the downsampled source warped by that motion; a softmax over the K+1
-    masks mixes the motions into one grid, and a sigmoid head gives the occlusion map.
+    The hourglass sees, per motion (background first), a heatmap of where it applies and the downsampled
+    source warped by that motion, plus ``extra_channels`` of other cues; a softmax over the masks mixes the
+    motions into one grid, and a sigmoid head gives the occlusion map.
     """
 
-    def __init__(self, *, num_regions: int, block_expansion: int, num_blocks: int, max_features: int):
+    def __init__(self, *, num_motions: int, extra_channels: int, block_expansion: int, num_blocks: int,
+                 max_features: int):
         super().__init__()
         self.down = AntiAliasDownsample(3, LATENT_SCALE)
         self.hourglass = Hourglass(
-            (num_regions + 1) * 4,
+            num_motions * 4 + extra_channels,
             block_expansion=block_expansion,
             num_blocks=num_blocks,
             max_features=max_features,
         )
-        self.mask = nn.Conv2d(self.hourglass.out_channels, num_regions + 1, 7, padding=3)
+        self.mask = nn.Conv2d(self.hourglass.out_channels, num_motions, 7, padding=3)
         self.occlusion = nn.Conv2d(self.hourglass.out_channels, 1, 7, padding=3)
 
     def forward(
-        self,
-        source: Tensor,
-        source_regions: Regions,
-        driving_regions: Regions,
-        background: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """``source (B, 3, H, W)`` → flow grid ``(B, H/4, W/4, 2)`` and occlusion ``(B, 1, H/4, W/4)``."""
+        self, source: Tensor, heatmaps: Tensor, motions: Tensor, extra: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``source (B, 3, H, W)``, ``heatmaps (B, M, h, w)``, ``motions (B, M, h, w, 2)``, ``extra (B, E, h, w)``
+        → flow grid ``(B, h, w, 2)``, occlusion ``(B, 1, h, w)`` and the masks ``(B, M, h, w)``."""
         image = self.down(source)
-        b, _, h, w = image.shape
-        with _fp32(image):
-            grid = identity_grid(h, w, device=image.device)
-            heatmaps = region_gaussians(driving_regions, grid) - region_gaussians(source_regions, grid)
-            heatmaps = torch.cat((heatmaps.new_zeros(b, 1, h, w), heatmaps), dim=1)
-            motions = sparse_motions(source_regions, driving_regions, grid, background)
-        n = motions.shape[1]
+        b, n, h, w = heatmaps.shape
         deformed = warp(image[:, None].expand(b, n, 3, h, w).flatten(0, 1), motions.flatten(0, 1))
-        x = torch.cat((heatmaps[:, :, None], deformed.unflatten(0, (b, n))), dim=2).flatten(1, 2)
+        x = torch.cat((heatmaps[:, :, None].to(deformed.dtype), deformed.unflatten(0, (b, n))), dim=2).flatten(1, 2)
+        if extra is not None:
+            x = torch.cat((x, extra.to(x.dtype)), dim=1)
         features = self.hourglass(x)
         mask = F.softmax(self.mask(features).float(), dim=1)
         flow = (mask[..., None] * motions).sum(dim=1)
-        return flow, torch.sigmoid(self.occlusion(features))
+        return flow, torch.sigmoid(self.occlusion(features)), mask
 
 
 @dataclass
 class FlowOutput:
-    """F's output: ``flow (B, h, w, 2)`` backward grid, ``occlusion (B, 1, h, w)`` in [0, 1], and the
-    :class:`RegionPredictor` dicts of both frames."""
+    """F's output: ``flow (B, h, w, 2)`` backward grid, ``occlusion (B, 1, h, w)`` in [0, 1], the
+    :class:`RegionPredictor` dicts of the frames (the source's only with MRAA's motion), the motions the flow
+    mixes with their masks (:class:`PixelwiseFlowPredictor`; the background's first), and with the
+    correlation motion estimator the local motion they were fitted to (:class:`CorrelationFlow`)."""
 
     flow: Tensor
     occlusion: Tensor
-    source_regions: Regions
+    source_regions: Regions | None
     driving_regions: Regions
+    motions: Tensor
+    masks: Tensor
+    local: Tensor | None = None
 
 
 class FlowPredictor(nn.Module):
-    """F: region predictor, background predictor (``cfg.use_background``) and pixelwise flow predictor."""
+    """F: a region predictor, the background motion (``cfg.use_background``) and a pixelwise flow predictor
+    that mixes the motions. ``cfg.motion_estimator`` says where the motions come from:
+
+    - ``mraa`` (the paper, MRAA): each region's affine from its position and shape in both frames
+      (T_k(z) = A_s·A_d⁻¹·(z − μ_d) + μ_s), the background's regressed from both frames;
+    - ``correlation``: affine fits of the local motion a cost volume finds (:class:`CorrelationFlow`): each
+      region's over its Gaussian in the driving frame, the background's a robust fit over the whole frame.
+      The mixing hourglass also sees how far each motion is from the local one, and the driving frame.
+    """
 
     def __init__(self, cfg: LFAEConfig):
         super().__init__()
@@ -451,6 +560,9 @@ class FlowPredictor(nn.Module):
             pad=cfg.region_pad,
             pca_based=cfg.pca_based,
         )
+        self.use_background = cfg.use_background
+        correlation = cfg.motion_estimator == "correlation"
+        self.correlation = CorrelationFlow(channels=cfg.corr_channels, radius=cfg.corr_radius) if correlation else None
         self.background_predictor = (
             BackgroundPredictor(
                 block_expansion=cfg.bg_block_expansion,
@@ -459,11 +571,13 @@ class FlowPredictor(nn.Module):
                 scale=cfg.bg_scale,
                 coords=cfg.bg_coords,
             )
-            if cfg.use_background
+            if cfg.use_background and not correlation
             else None
         )
+        motions = cfg.num_regions + 1 + correlation
         self.pixelwise_flow_predictor = PixelwiseFlowPredictor(
-            num_regions=cfg.num_regions,
+            num_motions=motions,
+            extra_channels=motions + 3 if correlation else 0,
             block_expansion=cfg.flow_block_expansion,
             num_blocks=cfg.flow_num_blocks,
             max_features=cfg.flow_max_features,
@@ -471,10 +585,11 @@ class FlowPredictor(nn.Module):
         self.motion_frozen = False
 
     def motion_modules(self) -> list[nn.Module]:
-        """Everything that decides the flow: region and background predictors, the pixelwise hourglass and
-        its masks (not the occlusion head)."""
+        """Everything that decides the flow: the region and background predictors or the cost volume, the
+        pixelwise hourglass and its masks (not the occlusion head)."""
         pixelwise = self.pixelwise_flow_predictor
-        modules = [self.region_predictor, self.background_predictor, pixelwise.hourglass, pixelwise.mask]
+        modules = [self.region_predictor, self.background_predictor, self.correlation, pixelwise.hourglass,
+                   pixelwise.mask]
         return [module for module in modules if module is not None]
 
     def freeze_motion(self) -> None:
@@ -494,13 +609,35 @@ class FlowPredictor(nn.Module):
 
     def forward(self, source: Tensor, driving: Tensor) -> FlowOutput:
         """``source, driving (B, 3, H, W)`` in [0, 1] → backward flow from driving to source."""
-        source_regions = self.region_predictor(source)
+        b, h, w = len(source), source.shape[-2] // 4, source.shape[-1] // 4
+        grid = identity_grid(h, w, device=source.device)
         driving_regions = self.region_predictor(driving)
-        background = (
-            self.background_predictor(source, driving) if self.background_predictor is not None else None
-        )
-        flow, occlusion = self.pixelwise_flow_predictor(source, source_regions, driving_regions, background)
-        return FlowOutput(flow, occlusion, source_regions, driving_regions)
+        with _fp32(grid):
+            where = region_gaussians(driving_regions, grid)
+        if self.correlation is None:
+            source_regions = self.region_predictor(source)
+            background = self.background_predictor(source, driving) if self.background_predictor is not None else None
+            with _fp32(grid):
+                heatmaps = where - region_gaussians(source_regions, grid)
+                motions = sparse_motions(source_regions, driving_regions, grid, background)
+            local = extra = None
+        else:
+            source_regions, local = None, self.correlation(source, driving)
+            with _fp32(grid):
+                fitted = [fit_affine(local, where)]
+                if self.use_background:
+                    fitted.insert(0, robust_affine(local))
+                motions = affine_motions(torch.cat(fitted, dim=1), h, w)
+                if not self.use_background:  # the background stays put
+                    motions = torch.cat((grid.expand(b, 1, h, w, 2), motions), dim=1)
+                motions = torch.cat((motions, local[:, None]), dim=1)
+                heatmaps = torch.cat((where, where.new_zeros(b, 1, h, w)), dim=1)
+                # a cue for the masks, not a way for their losses to move the local motion
+                distance = (motions - local[:, None]).detach().norm(dim=-1) * ((max(h, w) - 1) / 2)  # latent px
+            extra = torch.cat((distance, F.interpolate(driving, size=(h, w), mode="area")), dim=1)
+        heatmaps = torch.cat((heatmaps.new_zeros(b, 1, h, w), heatmaps), dim=1)
+        flow, occlusion, masks = self.pixelwise_flow_predictor(source, heatmaps, motions, extra)
+        return FlowOutput(flow, occlusion, source_regions, driving_regions, motions, masks, local)
 
 
 # -------------------------------------------------------------------------------------------- LFAE
@@ -515,7 +652,8 @@ class LatentFlowAutoEncoder(nn.Module):
         self.encoder = Encoder(channels=cfg.base_channels)
         self.flow_predictor = FlowPredictor(cfg)
         self.decoder = Decoder(
-            channels=cfg.base_channels, res_blocks=cfg.decoder_res_blocks, skips=cfg.decoder == "skips"
+            channels=cfg.base_channels, res_blocks=cfg.decoder_res_blocks, skips=cfg.decoder == "skips",
+            padding=cfg.padding,
         )
 
     def encode(self, image: Tensor) -> EncoderOutput:

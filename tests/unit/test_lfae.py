@@ -8,14 +8,18 @@ from lfdm.models.lfae import (
     REGION_VAR_FLOOR,
     AntiAliasDownsample,
     BackgroundPredictor,
+    CorrelationFlow,
     DownBlock2d,
     Hourglass,
     LatentFlowAutoEncoder,
     RegionPredictor,
     ResBlock2d,
     UpBlock2d,
+    affine_motions,
     covariance_to_affine,
+    fit_affine,
     revert_axis_swap,
+    robust_affine,
     sparse_motions,
 )
 from lfdm.models.warp import identity_grid, warp
@@ -24,14 +28,13 @@ B, SIZE, C, K = 2, 32, 8, 4
 
 
 def tiny_cfg(**overrides) -> LFAEConfig:
+    """MRAA's F unless ``motion_estimator`` says otherwise."""
     small = {"max_features": 32, "block_expansion": 8, "num_blocks": 2}
-    return LFAEConfig(
-        base_channels=C,
-        decoder_res_blocks=1,
-        num_regions=K,
+    return LFAEConfig(**{
+        "base_channels": C, "decoder_res_blocks": 1, "num_regions": K, "motion_estimator": "mraa", "corr_channels": 8,
         **{f"{part}_{key}": value for part in ("region", "flow", "bg") for key, value in small.items()},
         **overrides,
-    )
+    })
 
 
 def frames(n: int = B) -> torch.Tensor:
@@ -70,9 +73,9 @@ def test_anti_alias_downsample():
         AntiAliasDownsample(3, 0.3)
 
 
-@pytest.mark.parametrize("decoder", ["skips", "latent"])
-def test_forward_shapes(decoder: str):
-    model = LatentFlowAutoEncoder(tiny_cfg(decoder=decoder))
+@pytest.mark.parametrize(("decoder", "estimator"), [("skips", "mraa"), ("latent", "mraa"), ("skips", "correlation")])
+def test_forward_shapes(decoder: str, estimator: str):
+    model = LatentFlowAutoEncoder(tiny_cfg(decoder=decoder, motion_estimator=estimator))
     source, driving = frames(), frames()
     features = model.encode(source)
     assert features.latent.shape == (B, 4 * C, SIZE // 4, SIZE // 4)
@@ -87,7 +90,7 @@ def test_forward_shapes(decoder: str):
     assert out["flow"].shape == (B, SIZE // 4, SIZE // 4, 2)
     assert out["occlusion"].shape == (B, 1, SIZE // 4, SIZE // 4)
     assert 0 <= out["occlusion"].min() and out["occlusion"].max() <= 1
-    for regions in (out["source_regions"], out["driving_regions"]):
+    for regions in (out["source_regions"], out["driving_regions"]) if estimator == "mraa" else (out["driving_regions"],):
         assert regions["heatmap"].shape == (B, K, SIZE // 4, SIZE // 4)
         torch.testing.assert_close(regions["heatmap"].sum(dim=(2, 3)), torch.ones(B, K))
         assert regions["shift"].shape == (B, K, 2)
@@ -208,6 +211,40 @@ def test_revert_axis_swap_turns_half_turns_back():
     torch.testing.assert_close(revert_axis_swap(a), a)
 
 
+def test_correlation_finds_a_shift_between_feature_maps():
+    """With the features given (the encoder left out) and a low temperature, the soft arg-max lands on the
+    displacement where the driving features match the source's: one latent pixel to the right."""
+    torch.manual_seed(0)
+    flow = CorrelationFlow(channels=8, radius=2)
+    flow.encoder = torch.nn.Identity()
+    with torch.no_grad():
+        flow.log_temperature.fill_(-5.0)
+    source = torch.randn(1, 8, 8, 8)
+    driving = torch.roll(source, shifts=-1, dims=-1)  # driving(x) = source(x + 1)
+    grid = flow(source, driving)
+    expected = identity_grid(8, 8) + torch.tensor([2 / 7, 0.0])
+    torch.testing.assert_close(grid[0, :, :-1], expected[:, :-1], atol=1e-3, rtol=0)  # the last column wraps
+
+
+def test_affine_fits_recover_affine_motion_and_ignore_a_minority():
+    theta = torch.tensor([[[[0.95, -0.1, 0.05], [0.12, 1.05, -0.1]]]])
+    field = affine_motions(theta, 12, 12)[:, 0]
+    torch.testing.assert_close(fit_affine(field, torch.ones(1, 1, 12, 12), ridge=0.0), theta, atol=1e-4, rtol=0)
+    moving = field.clone()
+    moving[:, 3:7, 3:7] += 0.4  # a patch moving on its own, a ninth of the frame
+    torch.testing.assert_close(robust_affine(moving), theta, atol=5e-3, rtol=0)
+    assert (fit_affine(moving, torch.ones(1, 1, 12, 12)) - theta).abs().max() > 0.02  # plain least squares is dragged
+
+
+def test_correlation_motions_are_the_fits_and_the_local_motion():
+    model = LatentFlowAutoEncoder(tiny_cfg(motion_estimator="correlation"))
+    motion = model.flow_predictor(frames(), frames())
+    side = SIZE // 4
+    assert motion.motions.shape == (B, K + 2, side, side, 2) and motion.masks.shape == (B, K + 2, side, side)
+    torch.testing.assert_close(motion.motions[:, -1], motion.local)  # the last candidate is the local motion
+    assert motion.source_regions is None and model.flow_predictor.background_predictor is None
+
+
 def test_identity_warp_is_exact():
     x = torch.randn(B, 5, 12, 12)
     torch.testing.assert_close(warp(x, identity_flow(B, 12)), x, atol=1e-5, rtol=0)
@@ -221,6 +258,19 @@ def test_skips_decode_with_identity_flow_returns_the_source():
             model.encode(source), source, identity_flow(1), torch.ones(1, 1, SIZE // 4, SIZE // 4)
         )
     torch.testing.assert_close(out, source, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_where_the_flow_leaves_the_source_the_skips_decoder_reads_its_padding(padding: str):
+    """A flow that samples one frame to the right of the source, fully visible: the decoder returns the
+    warped source, so every pixel reads outside it — black with zeros, the right edge with border."""
+    model = LatentFlowAutoEncoder(tiny_cfg(decoder="skips", padding=padding)).eval()
+    source, side = frames(1), SIZE // 4
+    flow = identity_flow(1, side) + torch.tensor([2.5, 0.0])
+    with torch.no_grad():
+        out = model.decode(model.encode(source), source, flow, torch.ones(1, 1, side, side))
+    expected = source[..., -1:].expand_as(source) if padding == "border" else torch.zeros_like(source)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("decoder", ["skips", "latent"])
@@ -268,8 +318,9 @@ def test_gradients_reach_every_parameter_group():
         assert any(g.abs().sum() > 0 for g in grads), name
 
 
-def test_frozen_motion_keeps_the_flow_while_the_rest_learns():
-    model = LatentFlowAutoEncoder(tiny_cfg()).eval()
+@pytest.mark.parametrize("estimator", ["mraa", "correlation"])
+def test_frozen_motion_keeps_the_flow_while_the_rest_learns(estimator: str):
+    model = LatentFlowAutoEncoder(tiny_cfg(motion_estimator=estimator)).eval()
     model.flow_predictor.freeze_motion()
     source, driving = frames(), frames()
     with torch.no_grad():
