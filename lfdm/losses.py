@@ -6,6 +6,8 @@
   found in T(frame) mapped back through T must match the regions found in the frame.
 
 No pixel L1 and no GAN term, as in the official code.
+
+``pretrain_flow`` trains F alone on a classical teacher's flow instead (:func:`distillation_loss`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from lfdm.config import EquivarianceConfig, PerceptualConfig
-from lfdm.models.lfae import AntiAliasDownsample, Regions, revert_axis_swap
+from lfdm.config import EquivarianceConfig, PerceptualConfig, PretrainFlowConfig
+from lfdm.models.lfae import (
+    AntiAliasDownsample,
+    FlowOutput,
+    FlowPredictor,
+    Regions,
+    region_gaussians,
+    revert_axis_swap,
+)
 from lfdm.models.warp import identity_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -257,4 +266,59 @@ def lfae_loss(
         "perceptual": perceptual(prediction, driving),
         **equivariance_loss(region_predictor, driving, driving_regions, equivariance, generator),
     }
+    return {**losses, "total": sum(losses.values())}
+
+
+# ------------------------------------------------------------------------------------- distillation
+
+CHARBONNIER_EPS = 1e-3  # grid units (a pixel of a 64² frame is 0.03)
+
+
+def _robust_epe(grid: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean Charbonnier end-point error ``√(|grid − target|² + ε²)`` over ``(B, ..., h, w, 2)`` grids;
+    ``weight`` broadcasts to ``(B, ..., h, w)``."""
+    error = ((grid - target).square().sum(-1) + CHARBONNIER_EPS**2).sqrt()
+    weight = weight.expand_as(error)
+    return (weight * error).sum() / weight.sum().clamp_min(1e-6)
+
+
+def distillation_loss(
+    motion: FlowOutput,
+    flow_predictor: FlowPredictor,
+    driving: torch.Tensor,
+    teacher_grid: torch.Tensor,
+    reliable: torch.Tensor,
+    cfg: PretrainFlowConfig,
+) -> dict[str, torch.Tensor]:
+    """F's terms against a teacher's backward grid ``(B, h, w, 2)`` whose pixels count by ``reliable (B, 1, h, w)``:
+
+    - ``flow``: the final flow's robust end-point error;
+    - ``local``: the same for the local motion the correlation estimator fits its motions to;
+    - ``background``: the background affine's (the teacher's dominant motion, where a robust fit puts it);
+    - ``regions``: each region's own affine motion, where its driving-frame Gaussian lies: every region learns
+      to follow what is under it, so the masks have motions worth mixing where the motion is not one affine map;
+    - ``occlusion``: BCE of the occlusion map against the teacher's visibility (reliable and landing inside
+      the source);
+    - FOMM's equivariance of the regions (:func:`equivariance_loss`);
+
+    weighted by ``cfg`` (the flow's weight is 1), with their sum under ``"total"``."""
+    weight = reliable[:, 0]
+    losses = {"flow": _robust_epe(motion.flow, teacher_grid, weight)}
+    if cfg.local_weight and motion.local is not None:
+        losses["local"] = cfg.local_weight * _robust_epe(motion.local, teacher_grid, weight)
+    if cfg.background_weight and flow_predictor.use_background:
+        losses["background"] = cfg.background_weight * _robust_epe(motion.motions[:, 0], teacher_grid, weight)
+    if cfg.region_weight:
+        h, w = teacher_grid.shape[1:3]
+        grid = identity_grid(h, w, device=teacher_grid.device, dtype=teacher_grid.dtype)
+        where = region_gaussians(motion.driving_regions, grid)
+        where = where / where.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)  # each region's pixels sum to 1
+        regions = motion.motions[:, 1 : 1 + where.shape[1]]  # after the background, before a local motion
+        losses["regions"] = cfg.region_weight * _robust_epe(regions, teacher_grid[:, None], where * weight[:, None])
+    if cfg.occlusion_weight:
+        visible = reliable * (teacher_grid.abs() <= 1).all(-1, keepdim=True).permute(0, 3, 1, 2)
+        losses["occlusion"] = cfg.occlusion_weight * F.binary_cross_entropy(
+            motion.occlusion.float().clamp(1e-6, 1 - 1e-6), visible
+        )
+    losses |= equivariance_loss(flow_predictor.region_predictor, driving, motion.driving_regions, cfg.equivariance)
     return {**losses, "total": sum(losses.values())}

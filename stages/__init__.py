@@ -23,6 +23,7 @@ RUN_ENV = "LFDM_MLFLOW_RUN_ID"
 # stage → the params.yaml sections it reads (dvc.yaml's `params:` lists the same; a test checks it)
 STAGES: dict[str, tuple[str, ...]] = {
     "preprocess": ("seed", "data"),
+    "pretrain_flow": ("seed", "device", "data", "lfae", "pretrain_flow"),
     "train_lfae": ("seed", "device", "precision", "data", "lfae", "train_lfae"),
     "finetune_decoder": ("seed", "device", "precision", "data", "train_lfae.perceptual", "finetune_decoder"),
     "extract_flow": ("device", "data.num_frames", "extract_flow"),

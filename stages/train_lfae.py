@@ -1,8 +1,9 @@
 """train_lfae: stage one — the latent flow auto-encoder on (reference, driving) frame pairs.
 
-Loss: perceptual pyramid + equivariance (MRAA), Adam with MultiStep decay. Starts from the weights of
-``train_lfae.init`` when set (a warm start, as the official code starts from pretrained MRAA); with
-``train_lfae.freeze_motion`` the warm start's flow stays fixed and only Φ, Ω and the occlusion head learn.
+Loss: perceptual pyramid + equivariance (MRAA), Adam with MultiStep decay. F starts from ``train_lfae.init``:
+``pretrain_flow``'s distilled F by default (as the official code starts from pretrained MRAA), another
+checkpoint, or nothing; with ``train_lfae.freeze_motion`` its flow stays fixed and only Φ, Ω and the
+occlusion head learn.
 Resumes from ``<paths.checkpoints>/train_lfae.pt`` when re-run after an interruption with the same params.
 """
 
@@ -18,7 +19,7 @@ from lfdm.config import Params
 from lfdm.data import FramePairDataset, FrameStore, read_manifest
 from lfdm.device import autocast, resolve_device
 from lfdm.losses import PerceptualLoss, lfae_loss
-from lfdm.models.checkpoints import init_lfae, save_lfae
+from lfdm.models.checkpoints import init_lfae, save_lfae, trained_on
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.training import TrainingState, adam, forever, multistep_schedule, seed_everything, sharded_loader
 from lfdm.viz import reconstruction_strip
@@ -27,14 +28,17 @@ from lfdm.viz import reconstruction_strip
 def run(p: Params) -> dict[str, float]:
     cfg, device = p.train_lfae, distributed.init(resolve_device(p.device))
     generator = seed_everything(p.seed + distributed.rank())  # own random transforms per process
-    pairs = FramePairDataset(FrameStore(p.paths.frames), read_manifest(p.paths.manifest, split="train"), seed=p.seed)
+    train = read_manifest(p.paths.manifest, split="train")
+    pairs = FramePairDataset(FrameStore(p.paths.frames), train, seed=p.seed)
     loader = sharded_loader(
         pairs, cfg.batch_size, "train_lfae.batch_size", seed=p.seed, num_workers=cfg.num_workers,
         generator=generator,
     )
     model = LatentFlowAutoEncoder(p.lfae)
     if cfg.init:
-        init_lfae(model, cfg.init, p.data.image_size)
+        init = p.paths.flow_predictor if cfg.init == "pretrain_flow" else cfg.init
+        tests = [r.video_id for r in read_manifest(p.paths.manifest, split="test")]
+        init_lfae(model, init, p.data.image_size, p.data, tests)
     if cfg.freeze_motion:
         model.flow_predictor.freeze_motion()
     model = model.to(device)
@@ -74,7 +78,8 @@ def run(p: Params) -> dict[str, float]:
                 state.save()
 
     if distributed.is_main():
-        save_lfae(p.paths.lfae, model, p.lfae, image_size=p.data.image_size, step=state.step)
+        save_lfae(p.paths.lfae, model, p.lfae, image_size=p.data.image_size, step=state.step,
+                  data=trained_on(p.data, p.seed, train))
         _log_reconstructions(model, next(batches), device)
     state.write_plot(Path(p.paths.plots) / "train_lfae.tsv")
     state.finish()

@@ -26,8 +26,10 @@ TINY = {
     "lfae": {"base_channels": 8, "decoder_res_blocks": 1, "num_regions": 4,
              "region_block_expansion": 8, "region_num_blocks": 2, "region_max_features": 32,
              "flow_block_expansion": 8, "flow_num_blocks": 2, "flow_max_features": 32,
-             "bg_block_expansion": 8, "bg_num_blocks": 2, "bg_max_features": 32},
-    "train_lfae": {"init": None, "freeze_motion": False, "steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+             "bg_block_expansion": 8, "bg_num_blocks": 2, "bg_max_features": 32, "corr_channels": 8, "corr_radius": 2},
+    "pretrain_flow": {"teacher": "dis_ultrafast", "teacher_scale": 1, "pairs_per_clip": 2, "steps": 4, "batch_size": 4,
+                      "checkpoint_every": 2, "log_every": 1},
+    "train_lfae": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
     "extract_flow": {"batch_size": 4},
     "dm": {"unet": {"dim": 8, "dim_mults": [1, 2], "resnet_groups": 4, "attn_heads": 2, "attn_dim_head": 8},
            "diffusion": {"timesteps": 50}},
@@ -63,7 +65,7 @@ def service_env(home: Path, **extra: str) -> dict[str, str]:
 def make_project(path: Path, overrides: dict | None = None) -> Path:
     """Copy the pipeline into ``path`` as a fresh git + DVC repo with shrunk params."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("lfdm", "stages", "flows", "assets"):  # assets: a dvc.yaml dep of train_lfae
+    for name in ("lfdm", "stages", "flows"):
         shutil.copytree(ROOT / name, path / name, ignore=ignore)
     for name in ("dvc.yaml", "prefect.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, path / name)

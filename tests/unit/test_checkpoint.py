@@ -3,9 +3,19 @@ import torch
 from test_overfit import TINY_LFAE
 
 from lfdm.checkpoint import load_checkpoint, save_checkpoint
-from lfdm.config import DMConfig, UNetConfig
+from lfdm.config import DataConfig, DMConfig, UNetConfig
+from lfdm.data import ManifestRow
 from lfdm.diffusion import FlowDiffusion
-from lfdm.models.checkpoints import init_lfae, load_dm, load_lfae, save_dm, save_lfae
+from lfdm.models.checkpoints import (
+    WarmStartWarning,
+    init_lfae,
+    load_dm,
+    load_lfae,
+    save_dm,
+    save_flow_predictor,
+    save_lfae,
+    trained_on,
+)
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
 
@@ -20,18 +30,46 @@ def test_lfae_round_trip_rebuilds_the_model_from_its_config(tmp_path):
         assert torch.equal(model(x, x.flip(0))["prediction"], loaded(x, x.flip(0))["prediction"])
 
 
+DATA = DataConfig(dataset="folder", root="clips")
+TRAIN = [ManifestRow(f"train-{i}", "wave", "anna", "train", 8, "folder", (0, 7)) for i in range(3)]
+
+
 def test_lfae_warm_start_loads_matching_weights_and_names_what_differs(tmp_path):
     trained = LatentFlowAutoEncoder(TINY_LFAE)
-    save_lfae(tmp_path / "lfae.pt", trained, TINY_LFAE, image_size=32, step=2000)
+    save_lfae(tmp_path / "lfae.pt", trained, TINY_LFAE, image_size=32, step=2000, data=trained_on(DATA, 0, TRAIN))
     fresh = LatentFlowAutoEncoder(TINY_LFAE)
-    assert init_lfae(fresh, tmp_path / "lfae.pt", image_size=32) == 2000
+    assert init_lfae(fresh, tmp_path / "lfae.pt", 32, DATA, ["test-0"]) == 2000
     for a, b in zip(trained.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     wider = LatentFlowAutoEncoder(TINY_LFAE.model_copy(update={"base_channels": 16}))
     with pytest.raises(ValueError, match=r"lfae.pt was built with other settings: base_channels \(checkpoint 8"):
-        init_lfae(wider, tmp_path / "lfae.pt", image_size=32)
+        init_lfae(wider, tmp_path / "lfae.pt", 32, DATA, [])
     with pytest.raises(ValueError, match=r"data.image_size \(checkpoint 32, params 64\)"):
-        init_lfae(fresh, tmp_path / "lfae.pt", image_size=64)
+        init_lfae(fresh, tmp_path / "lfae.pt", 64, DATA, [])
+
+
+def test_a_flow_predictor_checkpoint_warm_starts_f_alone(tmp_path):
+    trained = LatentFlowAutoEncoder(TINY_LFAE)
+    save_flow_predictor(tmp_path / "f.pt", trained, image_size=32, step=50, data=trained_on(DATA, 0, TRAIN))
+    fresh = LatentFlowAutoEncoder(TINY_LFAE)
+    encoder = {k: v.clone() for k, v in fresh.encoder.state_dict().items()}
+    assert init_lfae(fresh, tmp_path / "f.pt", 32, DATA, []) == 50
+    for a, b in zip(trained.flow_predictor.state_dict().values(), fresh.flow_predictor.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(v, fresh.encoder.state_dict()[k]) for k, v in encoder.items())  # Φ untouched
+
+
+def test_a_warm_start_that_saw_a_test_clip_is_refused_and_other_footage_is_named(tmp_path):
+    save_flow_predictor(tmp_path / "f.pt", LatentFlowAutoEncoder(TINY_LFAE), image_size=32, step=1,
+                        data=trained_on(DATA, 0, TRAIN))
+    model = LatentFlowAutoEncoder(TINY_LFAE)
+    with pytest.raises(ValueError, match=r"f.pt was trained on 1 of this dataset's test clips \(train-2\).*seed 0"):
+        init_lfae(model, tmp_path / "f.pt", 32, DATA, ["train-2", "test-0"])
+    with pytest.warns(WarmStartWarning, match=r"trained on data.dataset 'folder' \(root 'clips'\), the params name 'embedded'"):
+        init_lfae(model, tmp_path / "f.pt", 32, DataConfig(), [])
+    save_lfae(tmp_path / "old.pt", model, TINY_LFAE, image_size=32, step=1)
+    with pytest.warns(WarmStartWarning, match="does not record what it was trained on"):
+        init_lfae(model, tmp_path / "old.pt", 32, DATA, [])
 
 
 def test_dm_round_trip(tmp_path):

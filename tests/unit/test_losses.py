@@ -266,3 +266,42 @@ def test_lfae_loss_sums_every_term(perceptual: PerceptualLoss) -> None:
     assert torch.allclose(losses["total"], sum(parts)) and all(v.item() > 0 for v in parts)
     losses["total"].backward()
     assert prediction.grad.abs().sum() > 0 and predictor.conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("estimator", ["correlation", "mraa"])
+def test_distillation_brings_f_towards_the_teacher_on_a_real_clip(estimator) -> None:
+    """Eighty steps of pretrain_flow's loss on twelve frame pairs of a real talking head take F's flow well
+    towards the teacher's, and every term of the loss trains something."""
+    from test_overfit import TINY_LFAE
+    from test_teacher_store import carphone
+
+    from lfdm.config import PretrainFlowConfig
+    from lfdm.data.frames import to_tensor
+    from lfdm.data.teacher_store import frame_pairs
+    from lfdm.losses import distillation_loss
+    from lfdm.models.lfae import FlowPredictor
+    from lfdm.teacher import teacher_flows
+
+    clip = carphone(8)
+    pairs = frame_pairs(len(clip), 12, seed=0, video_id="carphone")
+    teacher = teacher_flows(clip[pairs[:, 0]], clip[pairs[:, 1]], 8, "dis_fast")[0]
+    source, driving = to_tensor(clip[pairs[:, 0]]), to_tensor(clip[pairs[:, 1]])
+    model = FlowPredictor(TINY_LFAE.model_copy(update={"motion_estimator": estimator, "corr_channels": 8}))
+    cfg = PretrainFlowConfig(equivariance=EquivarianceConfig(weight=1.0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def error() -> float:
+        with torch.no_grad():
+            return float((model(source, driving).flow - teacher.grid).norm(dim=-1).mean())
+
+    before = error()
+    for step in range(80):
+        losses = distillation_loss(model(source, driving), model, driving, teacher.grid, teacher.reliable, cfg)
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        if step == 0:
+            expected = {"flow", "background", "regions", "occlusion", "equivariance_shift", "equivariance_affine"}
+            assert set(losses) - {"total"} == expected | ({"local"} if estimator == "correlation" else set())
+            assert model.pixelwise_flow_predictor.occlusion.weight.grad.abs().sum() > 0
+    assert error() < 0.6 * before, (before, error())
