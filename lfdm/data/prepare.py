@@ -4,6 +4,7 @@ by ``finetune_decoder`` for its new-domain videos."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from lfdm.data.clips import Skip
 from lfdm.data.datasets import iter_dataset
 from lfdm.data.frames import FrameStore, sample_frame_indices
 from lfdm.data.manifest import ManifestRow, write_manifest
+
+
+class TestOnlyLabelWarning(UserWarning):
+    """Labels whose clips are all in the test split: nothing trains on them."""
 
 
 def prepare_dataset(
@@ -54,11 +59,18 @@ def prepare_dataset(
                 f"skipped: see {report}); the stages after it need both train and test clips"
             )
     write_manifest(manifest, rows)
+    if test_only := sorted({r.label for r in rows if r.split == "test"} - {r.label for r in rows if r.split == "train"}):
+        warnings.warn(
+            f"{key}.dataset={cfg.dataset}: label(s) {test_only} have test clips but no training clip, so the diffusion "
+            "model never learns them and the condition accuracy leaves their videos out; give some of their clips "
+            "split 'train' (labels.csv) or add training clips", TestOnlyLabelWarning, stacklevel=2,
+        )
     return {
         "videos": len(rows),
         "train_videos": splits.count("train"),
         "test_videos": splits.count("test"),
         "labels": len({r.label for r in rows}),
+        "test_only_labels": len(test_only),
         "subjects": len({r.subject for r in rows}),
         "skipped_videos": len(skipped),
     }

@@ -10,7 +10,14 @@ import torch
 
 from lfdm.config import DataConfig, EmbeddedDataConfig
 from lfdm.data.embedded import MOTIONS, generate_clips
-from lfdm.metrics.classifier import MotionClassifier, accuracy, as_videos, predict, train_classifier
+from lfdm.metrics.classifier import (
+    MotionClassifier,
+    UnscoredLabelWarning,
+    accuracy,
+    as_videos,
+    predict,
+    train_classifier,
+)
 
 K, SIZE = 6, 32
 OPPOSITE = {
@@ -108,10 +115,18 @@ def test_bad_videos(trained, videos: np.ndarray, message: str) -> None:
         predict(*trained, videos)
 
 
+def test_a_label_without_training_clips_is_left_out_and_named(clips, trained) -> None:
+    videos, labels = clips["test"]
+    known = accuracy(*trained, videos, labels)
+    unknown = ["dolly zoom"] * 2
+    with pytest.warns(UnscoredLabelWarning, match=r"leaves out 2 of .* videos: .*\['dolly zoom'\]"):
+        assert accuracy(*trained, np.concatenate([videos, videos[:2]]), [*labels, *unknown]) == known
+    with pytest.warns(UnscoredLabelWarning):
+        assert np.isnan(accuracy(*trained, videos[:2], unknown))
+
+
 def test_bad_labels(clips, trained) -> None:
     videos, labels = clips["test"][0][:2], ["zoom in", "dolly zoom"]
-    with pytest.raises(ValueError, match=r"not among the classifier's classes .*\['dolly zoom'\]"):
-        accuracy(*trained, videos, labels)
     with pytest.raises(ValueError, match="2 videos, 1 labels"):
         accuracy(*trained, videos, labels[:1])
     with pytest.raises(ValueError, match="2 videos, 3 labels"):
