@@ -20,6 +20,7 @@ from lfdm.data import read_manifest
 from lfdm.data.clips import even_indices
 from lfdm.data.crop import crop_and_resize, face_box, pixel_box
 from lfdm.data.datasets import SkippedClipWarning, iter_dataset
+from lfdm.data.prepare import TestOnlyLabelWarning
 from lfdm.data.readers import MHAD_BOX, NATOPS_BOX, mhad_body_box
 from lfdm.video import read_frames, write_video
 
@@ -404,3 +405,13 @@ def test_preprocess_records_skips_and_goes_on(tmp_path) -> None:
         and skip["source"] == "folder:broken.mp4"
         and "broken.mp4" in skip["reason"]
     )
+
+
+def test_a_label_with_only_test_clips_is_named_at_preprocess(tmp_path) -> None:
+    root = tmp_path / "ds"
+    for name in ("a", "b", "c"):
+        frame_folder(root / name, carphone(4))
+    write_labels(root, "video,label,split\na,talk,train\nb,talk,test\nc,raise both arms,test\n")
+    with pytest.warns(TestOnlyLabelWarning, match=r"\['raise both arms'\] have test clips but no training clip"):
+        metrics, rows, _ = run_preprocess(tmp_path, dataset="folder", root=str(root))
+    assert metrics["test_only_labels"] == 1 and len(rows) == 3  # nothing lost
