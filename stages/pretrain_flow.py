@@ -8,7 +8,7 @@ saved to ``paths.flow_predictor``, recording which clips it saw; ``train_lfae`` 
 
 Graded on the **test** clips, the pairs the diffusion model's flows are made of (x0 → each of the K frames):
 how much of the static baseline's L1 error is left after warping x0 with the teacher's flow and with F's,
-F's end-point error against the teacher, and how much of F's flow its region masks carry. Where a dataset
+F's end-point error against the teacher, and how much of F's flow each kind of motion carries. Where a dataset
 knows the exact flow (the embedded one), the teacher's and F's end-point errors against it; that flow
 never trains anything.
 """

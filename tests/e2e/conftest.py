@@ -29,7 +29,9 @@ TINY = {
              "bg_block_expansion": 8, "bg_num_blocks": 2, "bg_max_features": 32, "corr_channels": 8, "corr_radius": 2},
     "pretrain_flow": {"teacher": "dis_ultrafast", "teacher_scale": 1, "pairs_per_clip": 2, "steps": 4, "batch_size": 4,
                       "checkpoint_every": 2, "log_every": 1},
-    "train_lfae": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+    # stage one from scratch, so train_lfae runs on its own; test_real_footage takes the distilled F (the default)
+    "train_lfae": {"init": None, "freeze_motion": False, "steps": 4, "batch_size": 4, "checkpoint_every": 2,
+                   "log_every": 1},
     "extract_flow": {"batch_size": 4},
     "dm": {"unet": {"dim": 8, "dim_mults": [1, 2], "resnet_groups": 4, "attn_heads": 2, "attn_dim_head": 8},
            "diffusion": {"timesteps": 50}},

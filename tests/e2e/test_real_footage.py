@@ -41,6 +41,7 @@ def add_bad_clips(root: Path) -> None:
 def test_real_footage_runs_end_to_end_and_bad_clips_are_named(tmp_path):
     project = make_project(tmp_path / "project", {
         "data": {"dataset": "folder", "root": "footage", "max_frames": 12},
+        "train_lfae": {"init": "pretrain_flow", "freeze_motion": True},  # the default path, which the other tests skip
         "tracking": {"enabled": False},
     })
     write_footage(project / "footage", size=32)
