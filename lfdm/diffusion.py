@@ -13,6 +13,7 @@ Schedule math lives in diffusers; this module owns the loss and the sampling loo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -21,7 +22,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from torch import nn
 from tqdm.auto import tqdm
 
-from lfdm.config import DiffusionConfig, SamplerConfig
+from lfdm.checkpoint import load_checkpoint, save_checkpoint
+from lfdm.config import DiffusionConfig, DMConfig, SamplerConfig
+from lfdm.models.unet3d import Unet3D
 from lfdm.models.warp import identity_grid
 
 # DPM-Solver's authors clip the cosine schedule's half-log-SNR λ at −5.1 (LuChengTHU/dpm-solver): λ → −∞
@@ -235,3 +238,27 @@ class FlowDiffusion(nn.Module):
                 out = out_null + g * (out_cond - out_null)
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         return self.from_target(x)
+
+
+def save_dm(
+    path: str | Path, diffusion: FlowDiffusion, cfg: DMConfig, *, cond_channels: int, text_dim: int,
+    num_frames: int, latent_size: int, step: int,
+) -> None:
+    save_checkpoint(
+        path, model=diffusion.state_dict(), config=cfg.model_dump(mode="json"), cond_channels=cond_channels,
+        text_dim=text_dim, num_frames=num_frames, latent_size=latent_size, step=step,
+    )
+
+
+def load_dm(path: str | Path, device: torch.device) -> tuple[FlowDiffusion, dict[str, Any]]:
+    """The diffusion model (3D U-Net inside) in eval mode on ``device``, and the checkpoint's metadata."""
+    ckpt = load_checkpoint(path)
+    # models saved before the key existed were fitted to the unit range
+    ckpt["config"]["diffusion"].setdefault("displacement_range", 1.0)
+    cfg = DMConfig.model_validate(ckpt["config"])
+    denoiser = Unet3D(
+        cfg.unet, cond_channels=ckpt["cond_channels"], text_dim=ckpt["text_dim"], latent_size=ckpt["latent_size"]
+    )
+    diffusion = FlowDiffusion(denoiser, cfg.diffusion)
+    diffusion.load_state_dict(ckpt.pop("model"))
+    return diffusion.to(device).eval(), ckpt

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from lfdm.config import SamplerConfig, TextConfig
-from lfdm.diffusion import FlowDiffusion
-from lfdm.models.checkpoints import load_dm, load_lfae
+from lfdm.diffusion import FlowDiffusion, load_dm
+from lfdm.models.checkpoints import load_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.warp import from_diffusion_tensor
 from lfdm.text import BertEmbedder, load_embeddings

@@ -18,8 +18,7 @@ from lfdm import distributed
 from lfdm.config import Params
 from lfdm.data import FlowSequenceDataset, FlowStore, read_manifest
 from lfdm.device import autocast, resolve_device
-from lfdm.diffusion import FlowDiffusion
-from lfdm.models.checkpoints import save_dm
+from lfdm.diffusion import FlowDiffusion, save_dm
 from lfdm.models.unet3d import Unet3D
 from lfdm.text import load_embeddings
 from lfdm.training import TrainingState, adam, forever, lr_schedule, seed_everything, sharded_loader

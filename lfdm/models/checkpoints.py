@@ -1,5 +1,5 @@
-"""Save/load the trained models: weights + the config section that built them + step (+ for stage one,
-which clips it was trained on)."""
+"""Save/load stage one: weights + the config section that built them + step + which clips it was trained on.
+(The diffusion model's are ``lfdm.diffusion.save_dm`` / ``load_dm``.)"""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from typing import Any
 import torch
 
 from lfdm.checkpoint import load_checkpoint, save_checkpoint
-from lfdm.config import DataConfig, DMConfig, LFAEConfig, Params
+from lfdm.config import DataConfig, LFAEConfig, Params
 from lfdm.data.manifest import ManifestRow
-from lfdm.diffusion import FlowDiffusion
 from lfdm.models.lfae import LatentFlowAutoEncoder
-from lfdm.models.unet3d import Unet3D
 
 
 class WarmStartWarning(UserWarning):
@@ -116,26 +114,3 @@ def init_lfae(
         model.load_state_dict(ckpt["model"])
     return int(ckpt.get("step", 0))
 
-
-def save_dm(
-    path: str | Path, diffusion: FlowDiffusion, cfg: DMConfig, *, cond_channels: int, text_dim: int,
-    num_frames: int, latent_size: int, step: int,
-) -> None:
-    save_checkpoint(
-        path, model=diffusion.state_dict(), config=cfg.model_dump(mode="json"), cond_channels=cond_channels,
-        text_dim=text_dim, num_frames=num_frames, latent_size=latent_size, step=step,
-    )
-
-
-def load_dm(path: str | Path, device: torch.device) -> tuple[FlowDiffusion, dict[str, Any]]:
-    """The diffusion model (3D U-Net inside) in eval mode on ``device``, and the checkpoint's metadata."""
-    ckpt = load_checkpoint(path)
-    # models saved before the key existed were fitted to the unit range
-    ckpt["config"]["diffusion"].setdefault("displacement_range", 1.0)
-    cfg = DMConfig.model_validate(ckpt["config"])
-    denoiser = Unet3D(
-        cfg.unet, cond_channels=ckpt["cond_channels"], text_dim=ckpt["text_dim"], latent_size=ckpt["latent_size"]
-    )
-    diffusion = FlowDiffusion(denoiser, cfg.diffusion)
-    diffusion.load_state_dict(ckpt.pop("model"))
-    return diffusion.to(device).eval(), ckpt

@@ -16,7 +16,8 @@ import yaml
 from mlflow import MlflowClient
 
 from lfdm.data import FramePairDataset, FrameStore, read_manifest
-from lfdm.models.checkpoints import load_dm, load_lfae
+from lfdm.diffusion import load_dm
+from lfdm.models.checkpoints import load_lfae
 from lfdm.training import forever, sharded_loader
 
 from .conftest import make_project, service_env

@@ -5,13 +5,11 @@ from test_overfit import TINY_LFAE
 from lfdm.checkpoint import load_checkpoint, save_checkpoint
 from lfdm.config import DataConfig, DMConfig, UNetConfig
 from lfdm.data import ManifestRow
-from lfdm.diffusion import FlowDiffusion
+from lfdm.diffusion import FlowDiffusion, load_dm, save_dm
 from lfdm.models.checkpoints import (
     WarmStartWarning,
     init_lfae,
-    load_dm,
     load_lfae,
-    save_dm,
     save_flow_predictor,
     save_lfae,
     trained_on,
