@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no value may be .inf or .nan: one trains to NaN weights or samples black videos, and exits 0
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ParamsError(ValueError):
@@ -381,7 +382,7 @@ class ParallelConfig(Section):
 
 
 class Params(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, CUDA only
     paths: PathsConfig = PathsConfig()
