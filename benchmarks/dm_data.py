@@ -31,7 +31,7 @@ from lfdm.diffusion import FlowDiffusion
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
 from lfdm.models.warp import to_diffusion_tensor
-from lfdm.training import adam, forever
+from lfdm.training import BatchStream, adam
 
 TEXT_DIM = 384
 
@@ -93,7 +93,7 @@ def main() -> None:
                 rows.append(ManifestRow(clip.video_id, clip.label, clip.subject, "train", k, "", tuple(range(k))))
         dataset = FlowSequenceDataset(store.path, rows, {clip.label: text for clip in clips})
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
-        zarr_times = timed(lambda b: dm_step(b["x0"], b["z0"]), forever(loader), args.steps)
+        zarr_times = timed(lambda b: dm_step(b["x0"], b["z0"]), BatchStream(loader), args.steps)
 
     def in_loop(indices: torch.Tensor) -> None:
         with torch.inference_mode():

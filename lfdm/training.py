@@ -1,23 +1,36 @@
-"""Pieces shared by the two training loops (the loops themselves read top to bottom in stages/)."""
+"""The training loop every trainer runs (:func:`fit`) and its parts: optimizer, schedules, sharded data,
+and the state that makes an interrupted run resume exactly where it stopped."""
 
 from __future__ import annotations
 
-import itertools
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from torch import distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 from lfdm import distributed, tracking
 from lfdm.checkpoint import load_checkpoint, save_checkpoint
 from lfdm.config import LRScheduleName
+from lfdm.device import autocast
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss or a weight became inf/NaN; the message names the stage and the step."""
+
+
+class LoopSettings(Protocol):
+    steps: int
+    log_every: int
+    checkpoint_every: int
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -62,10 +75,10 @@ def sharded_loader(
 
     One seeded permutation per epoch; process r of W takes every W-th index, so step k's batches over all
     processes are exactly the single-process batch k. Workers are not persistent: a fresh copy of the
-    dataset each epoch is how ``set_epoch`` (see :func:`forever`) reaches them.
+    dataset each epoch is how ``set_epoch`` (see :class:`BatchStream`) reaches them.
     """
     local = distributed.local_batch(batch_size, key)
-    sampler = DistributedSampler(
+    sampler = _ResumableSampler(
         dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=True, seed=seed
     )
     # a share smaller than one batch still trains (one short batch per epoch) instead of yielding nothing
@@ -75,20 +88,75 @@ def sharded_loader(
     )
 
 
-def forever(loader: DataLoader) -> Iterator:
-    """Cycle a DataLoader across epochs, telling its sampler and dataset the epoch (those with
-    ``set_epoch``) so each pass reshuffles and redraws, the same way on every process."""
-    for epoch in itertools.count():
-        for part in (loader.sampler, loader.dataset):
+class _ResumableSampler(DistributedSampler):
+    """A DistributedSampler whose next pass starts ``skip`` indices in (the rest of a resumed epoch)."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices, self.skip = list(super().__iter__())[self.skip :], 0
+        return iter(indices)
+
+
+class BatchStream:
+    """A :func:`sharded_loader`'s batches across epochs, at a position a checkpoint can hold.
+
+    Each epoch the sampler and the dataset (those with ``set_epoch``) are told the epoch, so every pass
+    reshuffles and redraws, the same way on every process. The position is the epoch, the batches taken
+    from it and the loader generator's state when it began (the workers' seeds are drawn from it); a
+    stream loaded from it skips the taken batches by index, reading no data, and goes on as the
+    uninterrupted one would.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader, self.epoch, self.taken = loader, 0, 0
+        self._batches: Iterator | None = None
+        self._generator_state: torch.Tensor | None = None  # as the current epoch began
+        self._resumed_generator: torch.Tensor | None = None
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            if self._batches is None:
+                self._begin_epoch()
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self.epoch, self.taken, self._batches = self.epoch + 1, 0, None
+                continue
+            self.taken += 1
+            return batch
+
+    def _begin_epoch(self) -> None:
+        for part in (self.loader.sampler, self.loader.dataset):
             if hasattr(part, "set_epoch"):
-                part.set_epoch(epoch)
-        yield from loader
+                part.set_epoch(self.epoch)
+        generator = self.loader.generator
+        if self._resumed_generator is not None:
+            generator.set_state(self._resumed_generator)
+            self._resumed_generator = None
+        self._generator_state = generator.get_state() if generator is not None else None
+        if self.taken:
+            if not isinstance(self.loader.sampler, _ResumableSampler):
+                raise TypeError("only a sharded_loader's stream can resume mid-epoch")
+            self.loader.sampler.skip = self.taken * self.loader.batch_size
+        self._batches = iter(self.loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "taken": self.taken, "generator": self._generator_state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epoch, self.taken, self._resumed_generator = state["epoch"], state["taken"], state["generator"]
+        self._batches = None
 
 
 class TrainingState:
-    """Model + optimizer + LR schedule (+ EMA) + step + logged history, saved atomically while training and
-    resumed after an interruption when the config matches (the history comes back too, so loss curves
-    survive). A finished run removes it (:meth:`finish`): re-running a stage trains afresh.
+    """Model + optimizer + LR schedule (+ EMA) + step + logged history (+ the batch stream's position and
+    every process's random generators), saved atomically while training and resumed after an interruption
+    when the config matches: the resumed run equals the uninterrupted one bit for bit on the same host, and
+    its loss curves keep their start. A finished run removes it (:meth:`finish`): re-running trains afresh.
 
     ``model`` is the bare module, never its DistributedDataParallel wrapper, so the saved weights load in
     one process. With several processes only rank 0 reads and writes files; the others get its state.
@@ -108,6 +176,7 @@ class TrainingState:
         self.config = dict(config)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.batches: BatchStream | None = None
 
     def resume(self) -> bool:
         """Load the last state if it was written by the same config; a different config starts fresh."""
@@ -127,6 +196,10 @@ class TrainingState:
             self.ema.to(next(self.model.parameters()).device)
         self.step = int(state["step"])
         self.history = list(state["history"])
+        if self.batches is not None and state.get("batches") is not None:
+            self.batches.load_state_dict(state["batches"])
+        if state.get("rng") is not None:
+            _set_rng_state(state["rng"][distributed.rank()])
         _say(f"{self.path}: resumed at step {self.step}")
         return True
 
@@ -149,7 +222,15 @@ class TrainingState:
         if distributed.is_main():
             self.path.unlink(missing_ok=True)
 
+    def check_finite(self) -> None:
+        """Refuse weights with an inf/NaN (before they are saved), naming the first such tensor and the step."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise TrainingDiverged(f"{self.path.stem}: {name} holds inf/NaN values after step {self.step}")
+
     def save(self) -> None:
+        self.check_finite()
+        rng = _gather(_rng_state())  # every process's, so each resumes its own streams
         if not distributed.is_main():
             return
         save_checkpoint(
@@ -161,7 +242,94 @@ class TrainingState:
             step=self.step,
             config=self.config,
             history=self.history,
+            batches=self.batches.state_dict() if self.batches is not None else None,
+            rng=rng,
         )
+
+
+def fit(
+    name: str,
+    state: TrainingState,
+    loader: DataLoader,
+    loss: Callable[[dict[str, Any]], Mapping[str, torch.Tensor]],
+    cfg: LoopSettings,
+    *,
+    objective: str,
+    device: torch.device,
+    precision: str = "fp32",
+    grad_clip: float | None = None,
+) -> None:
+    """Train ``state.model`` to ``cfg.steps``: the one loop of every trainer.
+
+    Resumes from ``state`` when it was saved by the same config; each step moves the batch's tensors to
+    ``device``, computes ``loss(batch)`` (a dict of scalars; ``objective`` is minimised, all are logged
+    as ``loss/<key>`` every ``cfg.log_every`` steps with the lr), clips the gradient norm to ``grad_clip``,
+    steps the optimizer, schedule and EMA, and saves ``state`` every ``cfg.checkpoint_every`` steps. A
+    non-finite loss or weight stops it with :class:`TrainingDiverged`; nothing non-finite is saved. The
+    caller sets the modules' train/eval modes before, and after saves the model, writes the plot and calls
+    :meth:`TrainingState.finish`.
+    """
+    state.batches = BatchStream(loader)
+    state.resume()
+    with tqdm(total=cfg.steps, initial=state.step, desc=name, unit="step", disable=not distributed.is_main()) as bar:
+        while state.step < cfg.steps:
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in next(state.batches).items()}
+            with autocast(device, precision):
+                losses = loss(batch)
+            if not torch.isfinite(losses[objective]):  # a host sync per step: cheap next to a training step
+                raise TrainingDiverged(
+                    f"{name}: the loss ({objective}) is {losses[objective].item()} at step {state.step + 1}; "
+                    "lower the lr or check the data (nothing after the last checkpoint was saved)"
+                )
+            state.optimizer.zero_grad(set_to_none=True)
+            losses[objective].backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+            state.optimizer.step()
+            state.schedule.step()
+            if state.ema is not None:
+                state.ema.step(state.model.parameters())
+            state.step += 1
+            bar.update()
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                logged = {f"loss/{k}": v for k, v in distributed.mean(losses).items()}
+                state.log(logged | {"lr": state.schedule.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{logged[f'loss/{objective}']:.4f}")
+            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+                state.save()
+    state.check_finite()
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state(legacy=False)  # plain types: checkpoints load with weights_only=True
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {**numpy_state, "state": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                                           "pos": numpy_state["state"]["pos"]}},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].numpy().astype(np.uint32),
+                            "pos": numpy_state["state"]["pos"]}
+    np.random.set_state(numpy_state)
+    random.setstate(state["python"])
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` of every process, in rank order."""
+    if distributed.world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * distributed.world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _say(message: str) -> None:

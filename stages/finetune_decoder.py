@@ -25,12 +25,12 @@ from lfdm import tracking
 from lfdm.config import Params
 from lfdm.data import FramePairDataset, FrameStore, ManifestRow, read_manifest, to_tensor
 from lfdm.data.prepare import prepare_dataset
-from lfdm.device import autocast, resolve_device
+from lfdm.device import resolve_device
 from lfdm.losses import PerceptualLoss
 from lfdm.metrics import MobileNetFeatures, feature_frechet_distance
 from lfdm.models.checkpoints import finetuned_lfae_path, load_lfae, save_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
-from lfdm.training import TrainingState, adam, forever, seed_everything, sharded_loader
+from lfdm.training import TrainingState, adam, fit, seed_everything, sharded_loader
 from lfdm.viz import reconstruction_strip
 
 
@@ -66,30 +66,16 @@ def run(p: Params) -> dict[str, float]:
     schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     config = p.model_dump(mode="json", include={"seed", "data", "finetune_decoder"}) | {"lfae_step": meta["step"]}
     state = TrainingState(Path(p.paths.checkpoints) / "finetune_decoder.pt", model, optimizer, schedule, config)
-    state.resume()
+
+    def loss(batch: dict) -> dict[str, torch.Tensor]:
+        source, driving = batch["source"], batch["driving"]
+        with torch.no_grad():  # Φ and F are frozen: no graph through them
+            features, motion = model.encode(source), model.flow_predictor(source, driving)
+        return {"perceptual": perceptual(model.decode(features, source, motion.flow, motion.occlusion), driving)}
+
 
     model.decoder.train()
-    batches = forever(loader)
-    with tqdm(total=cfg.steps, initial=state.step, desc="finetune_decoder", unit="step") as bar:
-        while state.step < cfg.steps:
-            batch = next(batches)
-            source, driving = (batch[key].to(device, non_blocking=True) for key in ("source", "driving"))
-            with autocast(device, p.precision):
-                with torch.no_grad():  # Φ and F are frozen: no graph through them
-                    features, motion = model.encode(source), model.flow_predictor(source, driving)
-                prediction = model.decode(features, source, motion.flow, motion.occlusion)
-                loss = perceptual(prediction, driving)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state.step += 1
-            bar.update()
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                state.log({"loss/perceptual": loss.item()})
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
-                state.save()
-
+    fit("finetune_decoder", state, loader, loss, cfg, objective="perceptual", device=device, precision=p.precision)
     model.eval()
     save_lfae(finetuned_lfae_path(p), model, model.cfg, image_size=p.data.image_size, step=state.step)
     state.write_plot(Path(p.paths.plots) / "finetune_decoder.tsv")

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from lfdm import tracking
 from lfdm.config import Params
@@ -32,7 +31,7 @@ from lfdm.models.checkpoints import save_flow_predictor, trained_on
 from lfdm.models.lfae import FlowPredictor, LatentFlowAutoEncoder
 from lfdm.models.warp import identity_grid, warp
 from lfdm.teacher import teacher_flows
-from lfdm.training import TrainingState, adam, forever, lr_schedule, seed_everything, sharded_loader
+from lfdm.training import TrainingState, adam, fit, lr_schedule, seed_everything, sharded_loader
 from lfdm.viz import flow_to_rgb, occlusion_to_rgb, to_uint8, video_grid
 
 
@@ -54,29 +53,14 @@ def run(p: Params) -> dict[str, float]:
     schedule = lr_schedule(optimizer, "linear", cfg.steps, (), 1.0)
     config = p.model_dump(mode="json", include={"seed", "data", "lfae", "pretrain_flow"})
     state = TrainingState(Path(p.paths.checkpoints) / "pretrain_flow.pt", flow_predictor, optimizer, schedule, config)
-    state.resume()
+
+    def loss(batch: dict) -> dict[str, torch.Tensor]:
+        out = flow_predictor(batch["source"], batch["driving"])
+        return distillation_loss(out, flow_predictor, batch["driving"], batch["grid"], batch["reliable"], cfg)
+
 
     flow_predictor.train()
-    batches = forever(loader)
-    with tqdm(total=cfg.steps, initial=state.step, desc="pretrain_flow", unit="step") as bar:
-        while state.step < cfg.steps:
-            batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
-            out = flow_predictor(batch["source"], batch["driving"])
-            losses = distillation_loss(out, flow_predictor, batch["driving"], batch["grid"], batch["reliable"], cfg)
-            if not torch.isfinite(losses["total"]):
-                raise FloatingPointError(f"pretrain_flow: the loss is {losses['total'].item()} at step {state.step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            schedule.step()
-            state.step += 1
-            bar.update()
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                state.log({f"loss/{k}": v.item() for k, v in losses.items()} | {"lr": schedule.get_last_lr()[0]})
-                bar.set_postfix(flow=f"{losses['flow'].item():.4f}")
-            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
-                state.save()
-
+    fit("pretrain_flow", state, loader, loss, cfg, objective="total", device=device)
     save_flow_predictor(p.paths.flow_predictor, model, image_size=p.data.image_size, step=state.step,
                         data=trained_on(p.data, p.seed, train))
     state.write_plot(Path(p.paths.plots) / "pretrain_flow.tsv")

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import torch
 from diffusers.training_utils import EMAModel
-from tqdm import tqdm
 
 from lfdm import distributed
 from lfdm.config import Params
 from lfdm.data import FlowSequenceDataset, FlowStore, read_manifest
-from lfdm.device import autocast, resolve_device
+from lfdm.device import resolve_device
 from lfdm.diffusion import FlowDiffusion, save_dm
 from lfdm.models.unet3d import Unet3D
 from lfdm.text import load_embeddings
-from lfdm.training import TrainingState, adam, forever, lr_schedule, seed_everything, sharded_loader
+from lfdm.training import TrainingState, adam, fit, lr_schedule, seed_everything, sharded_loader
 
 TARGET_FIT_CLIPS = 1024  # training clips, evenly spaced, that set the displacement scale (bounded memory)
 
@@ -49,35 +48,14 @@ def run(p: Params) -> dict[str, float]:
     ema = EMAModel(diffusion.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True) if cfg.ema_max_decay else None
     config = p.model_dump(mode="json", include={"seed", "dm", "train_dm"}) | {"flows": asdict(attrs)}
     state = TrainingState(Path(p.paths.checkpoints) / "train_dm.pt", diffusion, optimizer, schedule, config, ema)
-    state.resume()
     parallel = distributed.wrap(diffusion, device)  # its forward is the loss; `diffusion` is what is saved
-
     diffusion.train()
-    batches = forever(loader)
-    with tqdm(total=cfg.steps, initial=state.step, desc="train_dm", unit="step",
-              disable=not distributed.is_main()) as bar:
-        while state.step < cfg.steps:
-            batch = next(batches)
-            x0, z0, text = (batch[key].to(device, non_blocking=True) for key in ("x0", "z0", "text"))
-            with autocast(device, p.precision):
-                loss = parallel(x0, z0, text)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(diffusion.parameters(), cfg.grad_clip)
-            optimizer.step()
-            schedule.step()
-            if ema is not None:
-                ema.step(diffusion.parameters())
-            state.step += 1
-            bar.update()
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                logged = distributed.mean({"loss/diffusion": loss}) | {"lr": schedule.get_last_lr()[0]}
-                state.log(logged)
-                bar.set_postfix(loss=f"{logged['loss/diffusion']:.4f}")
-            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
-                state.save()
 
+    def loss(batch: dict) -> dict[str, torch.Tensor]:
+        return {"diffusion": parallel(batch["x0"], batch["z0"], batch["text"])}
+
+    fit("train_dm", state, loader, loss, cfg, objective="diffusion", device=device, precision=p.precision,
+        grad_clip=cfg.grad_clip)
     if ema is not None:
         ema.copy_to(diffusion.parameters())
     if distributed.is_main():

@@ -12,16 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lfdm import distributed, tracking
 from lfdm.config import Params
 from lfdm.data import FramePairDataset, FrameStore, read_manifest
-from lfdm.device import autocast, resolve_device
+from lfdm.device import resolve_device
 from lfdm.losses import PerceptualLoss, lfae_loss
 from lfdm.models.checkpoints import init_lfae, save_lfae, trained_on
 from lfdm.models.lfae import LatentFlowAutoEncoder
-from lfdm.training import TrainingState, adam, forever, multistep_schedule, seed_everything, sharded_loader
+from lfdm.training import TrainingState, adam, fit, multistep_schedule, seed_everything, sharded_loader
 from lfdm.viz import reconstruction_strip
 
 
@@ -47,40 +46,19 @@ def run(p: Params) -> dict[str, float]:
     schedule = multistep_schedule(optimizer, cfg.steps, cfg.milestones, cfg.gamma)
     config = p.model_dump(mode="json", include={"seed", "data", "lfae", "train_lfae"})
     state = TrainingState(Path(p.paths.checkpoints) / "train_lfae.pt", model, optimizer, schedule, config)
-    state.resume()
     parallel = distributed.wrap(model, device)  # the forward pass to train through; `model` is what is saved
-
     model.train()
-    batches = forever(loader)
-    with tqdm(total=cfg.steps, initial=state.step, desc="train_lfae", unit="step",
-              disable=not distributed.is_main()) as bar:
-        while state.step < cfg.steps:
-            batch = next(batches)
-            source, driving = (batch[key].to(device, non_blocking=True) for key in ("source", "driving"))
-            with autocast(device, p.precision):
-                out = parallel(source, driving)
-                losses = lfae_loss(
-                    out["prediction"], driving, model.flow_predictor.region_predictor,
-                    out["driving_regions"], perceptual, cfg.equivariance,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            schedule.step()
-            state.step += 1
-            bar.update()
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                logged = {f"loss/{k}": v for k, v in distributed.mean(losses).items()}
-                logged["lr"] = schedule.get_last_lr()[0]
-                state.log(logged)
-                bar.set_postfix(loss=f"{logged['loss/total']:.3f}")
-            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
-                state.save()
 
+    def loss(batch: dict) -> dict[str, torch.Tensor]:
+        out = parallel(batch["source"], batch["driving"])
+        return lfae_loss(out["prediction"], batch["driving"], model.flow_predictor.region_predictor,
+                         out["driving_regions"], perceptual, cfg.equivariance)
+
+    fit("train_lfae", state, loader, loss, cfg, objective="total", device=device, precision=p.precision)
     if distributed.is_main():
         save_lfae(p.paths.lfae, model, p.lfae, image_size=p.data.image_size, step=state.step,
                   data=trained_on(p.data, p.seed, train))
-        _log_reconstructions(model, next(batches), device)
+        _log_reconstructions(model, next(state.batches), device)
     state.write_plot(Path(p.paths.plots) / "train_lfae.tsv")
     state.finish()
     return {"loss": state.history[-1]["loss/total"], "steps": state.step}

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from lfdm.data import FramePairDataset, FrameStore, read_manifest
 from lfdm.diffusion import load_dm
 from lfdm.models.checkpoints import load_lfae
-from lfdm.training import forever, sharded_loader
+from lfdm.training import BatchStream, sharded_loader
 
 from .conftest import make_project, service_env
 
@@ -64,7 +64,7 @@ def test_process_shares_make_up_the_single_process_batches(tmp_path, monkeypatch
         monkeypatch.setenv("RANK", str(rank))
         loader = sharded_loader(pairs, 4, "train_lfae.batch_size", seed=3, num_workers=0,
                                 generator=torch.Generator())
-        stream = forever(loader)
+        stream = BatchStream(loader)
         return [next(stream)["video_id"] for _ in range(3 * len(loader))]  # three epochs
 
     whole = batches(1, 0)

@@ -151,8 +151,8 @@ def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_s
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
 
 
-def test_killed_training_stage_resumes_from_its_checkpoint(tmp_path):
-    steps = 200
+def test_killed_training_stage_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    steps = 60
     project = make_project(tmp_path / "project", {"tracking": {"enabled": False},
                                                    "train_lfae": {"steps": steps, "checkpoint_every": 5,
                                                                   "log_every": 1}})
@@ -172,8 +172,17 @@ def test_killed_training_stage_resumes_from_its_checkpoint(tmp_path):
 
     output = run([sys.executable, "-m", "stages", "train_lfae"], project, env)
     assert f"resumed at step {killed_at}" in output
-    final = torch.load(project / "data/models/lfae.pt", weights_only=True)
-    assert final["step"] == steps
+    resumed = torch.load(project / "data/models/lfae.pt", weights_only=True)
+    assert resumed["step"] == steps
     assert not checkpoint.exists()  # a finished run leaves no resume state: the next run trains afresh
-    logged = [int(line.split("\t")[0]) for line in (project / "plots/train_lfae.tsv").read_text().splitlines()[1:]]
+    plot = project / "plots/train_lfae.tsv"
+    resumed_plot = plot.read_text()
+    logged = [int(line.split("\t")[0]) for line in resumed_plot.splitlines()[1:]]
     assert logged == list(range(1, steps + 1))  # the history from before the kill came back
+
+    output = run([sys.executable, "-m", "stages", "train_lfae"], project, env)  # uninterrupted, from step 0
+    assert "resumed" not in output
+    whole = torch.load(project / "data/models/lfae.pt", weights_only=True)
+    for key, value in whole["model"].items():  # bit for bit: the data order and every generator came back
+        assert torch.equal(value, resumed["model"][key]), key
+    assert plot.read_text() == resumed_plot
