@@ -10,7 +10,9 @@ variable-frame-rate video is read as its sequence of frames.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -20,11 +22,18 @@ import numpy as np
 from lfdm.config import DataConfig
 from lfdm.data.crop import Cropper, crop_and_resize
 from lfdm.data.embedded import Clip
-from lfdm.video import count_frames, iter_indexed_frames
+from lfdm.video import IMAGE_SUFFIXES, count_frames, iter_indexed_frames
 
 MIN_FRAMES = 2  # a clip needs motion: the LFAE learns from two different frames of it
 WORK_SIDE = 512  # frames are kept at most this large (or 4 × image_size) until cropped
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+# files no reader may open: opening a FIFO blocks until something writes to it, a device may never end
+SPECIAL_FILES = {
+    stat.S_ISFIFO: "a named pipe (FIFO)",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISSOCK: "a socket",
+}
 
 
 @dataclass(frozen=True)
@@ -70,11 +79,14 @@ def even_indices(start: int, stop: int, k: int) -> np.ndarray:
 def load_source(src: Source, cfg: DataConfig) -> Iterator[Clip | Skip]:
     """The clips of ``src`` at ``cfg.image_size`` (cropped by ``src.crop``), or a Skip for each that
     cannot be read: missing or corrupt file, fewer than ``MIN_FRAMES`` frames, a frame range past the
-    end, frames of different sizes, no crop box."""
+    end, frames of different sizes, no crop box; a broken symlink, a FIFO or a device (never opened)."""
     try:
-        total = count_frames(src.path)
+        problem = special_file(src.path)
+        total = 0 if problem else count_frames(src.path)
     except (OSError, ValueError) as err:  # FileNotFoundError is an OSError
-        yield from (Skip(c.video_id, c.source, str(err)) for c in src.clips)
+        problem = _unusable(err)
+    if problem:
+        yield from (Skip(c.video_id, c.source, problem) for c in src.clips)
         return
 
     plans: dict[ClipSpec, np.ndarray] = {}
@@ -110,10 +122,38 @@ def load_source(src: Source, cfg: DataConfig) -> Iterator[Clip | Skip]:
                 if ends[clip] == i:  # done: crop it now, so one video's many clips are never all held
                     yield _finish(src, clip, kept.pop(clip), total, cfg.image_size)
     except (OSError, ValueError) as err:
-        yield from (Skip(c.video_id, c.source, str(err)) for c in kept)
+        yield from (Skip(c.video_id, c.source, _unusable(err)) for c in kept)
         return
     for clip, frames in kept.items():  # fewer frames decoded than counted
         yield _finish(src, clip, frames, total, cfg.image_size)
+
+
+def special_file(path: Path) -> str | None:
+    """Why the video file or frame folder ``path`` must not be opened, or None: it, or an image in it,
+    is a broken symlink, a FIFO, a device or a socket."""
+    files = [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for file in files:
+        try:
+            mode = file.stat().st_mode
+        except FileNotFoundError:
+            if file.is_symlink():
+                target = os.readlink(file)
+                return f"{file}: a broken symlink (to {target}); point it at the file or leave the clip out"
+            continue  # missing: the reader says so
+        if what := next((name for test, name in SPECIAL_FILES.items() if test(mode)), None):
+            return (
+                f"{file}: {what}, not a regular file (reading it would block or never end); "
+                "put the file itself there or leave the clip out"
+            )
+    return None
+
+
+def _unusable(err: Exception) -> str:
+    """A read error as a skip reason, with what to do about it."""
+    fix = "check the path" if isinstance(err, FileNotFoundError) else "replace or re-encode the file"
+    return f"{err}; {fix}, or leave the clip out"
 
 
 def _finish(src: Source, clip: ClipSpec, frames: list[np.ndarray], total: int, size: int) -> Clip | Skip:

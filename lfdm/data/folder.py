@@ -5,8 +5,10 @@ Columns (header names are case-insensitive, extra columns are ignored with a war
 - ``video``: a path relative to ``root``: a video file (mp4, avi, mov, mkv, webm, gif, ...) or a
   folder of png/jpg frames. Absolute paths, ``..`` and symlinks that resolve outside ``root`` are
   refused.
-- ``label``: free text, the condition (``raise right arm``); must not be empty.
-- ``subject`` (optional): who or what the clip shows; without it every clip is its own subject.
+- ``label``: free text, the condition (``raise right arm``); one non-empty line, no control characters.
+- ``subject`` (optional): who or what the clip shows; without it every clip is its own subject. It names
+  files and Zarr arrays of generated videos (``<subject>__prompt0.gif``), so it may not hold ``/``, ``\\``
+  or control characters, start with ``__``, be ``.``/``..`` or longer than 200 bytes.
 - ``split`` (optional): ``train`` or ``test`` on every row. Without it, ``data.test_fraction`` of the
   subjects (at least one) are held out for test, chosen from ``seed``.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import unicodedata
 import warnings
 from pathlib import Path, PurePosixPath
 
@@ -31,6 +34,7 @@ from lfdm.video import IMAGE_SUFFIXES
 REQUIRED = ("video", "label")
 OPTIONAL = ("subject", "split")
 MAX_REPORTED = 20  # problems listed in one error
+MAX_SUBJECT_BYTES = 200  # a subject names files (<subject>__prompt0.gif): most file systems allow 255 bytes
 
 
 def read_labels(root: Path, test_fraction: float, seed: int) -> list[tuple[PurePosixPath, ClipSpec]]:
@@ -60,9 +64,19 @@ def read_labels(root: Path, test_fraction: float, seed: int) -> list[tuple[PureP
         seen_paths[key] = line
         if not label:
             problems.append(f"line {line}: video {video!r}: empty 'label'")
+        elif _control(label):
+            problems.append(
+                f"line {line}: video {video!r}: label {label!r} holds a control character; "
+                "a label is one line of text"
+            )
         subject = row.get("subject")
         if subject == "":
             problems.append(f"line {line}: video {video!r}: empty 'subject' (fill it in or drop the column)")
+        elif subject is not None and (why := _subject_problem(subject)):
+            problems.append(
+                f"line {line}: video {video!r}: subject {subject!r} {why}: it names the generated "
+                "videos' files (<subject>__prompt0.gif); rename it"
+            )
         split = row.get("split")
         if split is not None and split.lower() not in SPLITS:
             problems.append(f"line {line}: video {video!r}: unknown split {split!r}; expected train or test")
@@ -113,6 +127,8 @@ def folder_sources(root: Path, cfg: DataConfig, seed: int) -> list[Source]:
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """(normalised header, [(line number, cells)] of the non-blank rows)."""
+    if path.exists() and not path.is_file():  # a folder, or a FIFO that would block the read
+        raise ValueError(f"{path}: not a regular file; a folder dataset lists its clips in this CSV file")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -129,10 +145,12 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         ) from None
     reader = csv.reader(io.StringIO(text, newline=""))
     rows: list[tuple[int, list[str]]] = []
+    end = 0  # the previous record's last line: a quoted field may span lines, a row is named by its first
     try:
         for cells in reader:
             if any(c.strip() for c in cells):
-                rows.append((reader.line_num, cells))
+                rows.append((end + 1, cells))
+            end = reader.line_num
     except csv.Error as err:
         raise ValueError(f"{path}: line {reader.line_num}: not valid CSV: {err}") from None
     if not rows:
@@ -155,6 +173,23 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     if not rows:
         raise ValueError(f"{path}: no clips, only a header")
     return header, rows
+
+
+def _control(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
+def _subject_problem(subject: str) -> str | None:
+    """Why ``subject`` cannot name a file or Zarr array (``<subject>__prompt0``), or None."""
+    if "/" in subject or "\\" in subject:
+        return "holds a path separator"
+    if _control(subject):
+        return "holds a control character"
+    if subject.startswith("__") or subject in (".", ".."):
+        return "is '.', '..' or starts with '__'"
+    if len(subject.encode()) > MAX_SUBJECT_BYTES:
+        return f"is longer than {MAX_SUBJECT_BYTES} bytes"
+    return None
 
 
 def _path_problem(root: Path, real_root: Path, video: str) -> str | None:

@@ -17,9 +17,15 @@ from lfdm.data.datasets import iter_dataset
 from lfdm.data.frames import FrameStore, sample_frame_indices
 from lfdm.data.manifest import ManifestRow, write_manifest
 
+MAX_NAMED = 10  # clips named in one warning
+
 
 class TestOnlyLabelWarning(UserWarning):
     """Labels whose clips are all in the test split: nothing trains on them."""
+
+
+class ShortClipWarning(UserWarning):
+    """Clips with fewer frames than K: the diffusion model sees their last frame repeated."""
 
 
 def prepare_dataset(
@@ -64,6 +70,15 @@ def prepare_dataset(
             f"{key}.dataset={cfg.dataset}: label(s) {test_only} have test clips but no training clip, so the diffusion "
             "model never learns them and the condition accuracy leaves their videos out; give some of their clips "
             "split 'train' (labels.csv) or add training clips", TestOnlyLabelWarning, stacklevel=2,
+        )
+    if short := [r for r in rows if r.num_frames < cfg.num_frames]:
+        named = ", ".join(f"{r.video_id} ({r.num_frames})" for r in short[:MAX_NAMED])
+        more = f" and {len(short) - MAX_NAMED} more" if len(short) > MAX_NAMED else ""
+        warnings.warn(
+            f"{key}.dataset={cfg.dataset}: {len(short)} clip(s) have fewer frames than {key}.num_frames="
+            f"{cfg.num_frames}: {named}{more}; the diffusion model sees their last frame repeated (as the "
+            f"official loaders do), as if the motion stopped; lower {key}.num_frames or leave these clips out",
+            ShortClipWarning, stacklevel=2,
         )
     return {
         "videos": len(rows),

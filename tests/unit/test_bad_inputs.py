@@ -3,8 +3,10 @@ others go on; a bad labels.csv, dataset root or params value is an error naming 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tracemalloc
 from fractions import Fraction
 from pathlib import Path
@@ -28,6 +30,7 @@ from test_datasets import (
 
 from lfdm.config import DataConfig, ParamsError, parse_params
 from lfdm.data.datasets import SkippedClipWarning, iter_dataset
+from lfdm.data.prepare import ShortClipWarning
 from lfdm.video import write_video
 
 
@@ -63,6 +66,7 @@ def test_corrupt_video_is_skipped(tmp_path, damage) -> None:
 
     clips, skips = dataset_with(tmp_path, "broken.mp4", make)
     assert_skipped(clips, skips, "broken", "broken.mp4")
+    assert "replace or re-encode the file, or leave the clip out" in skips[0].reason
 
 
 def test_unreadable_frame_in_a_folder_is_skipped(tmp_path) -> None:
@@ -101,6 +105,93 @@ def test_one_frame_video_is_skipped(tmp_path) -> None:
 def test_missing_video_is_skipped(tmp_path) -> None:
     clips, skips = dataset_with(tmp_path, "gone.mp4", lambda path: None)
     assert_skipped(clips, skips, "gone", "gone.mp4: no such video file")
+    assert "check the path, or leave the clip out" in skips[0].reason
+
+
+# ------------------------------------------------------------------------- special files
+
+
+@contextlib.contextmanager
+def deadline(seconds: int = 20):
+    """Fail instead of hanging: opening a FIFO blocks until something writes to it."""
+
+    def fail(*_):
+        raise TimeoutError(f"still blocked after {seconds} s (a FIFO or device was opened?)")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_named_pipe_video_is_skipped_not_opened(tmp_path) -> None:
+    with deadline():
+        clips, skips = dataset_with(tmp_path, "pipe.mp4", os.mkfifo)
+    assert_skipped(clips, skips, "pipe", "pipe.mp4: a named pipe (FIFO), not a regular file")
+    assert "put the file itself there or leave the clip out" in skips[0].reason
+
+
+def test_named_pipe_frame_in_a_folder_is_skipped_not_opened(tmp_path) -> None:
+    def make(path: Path) -> None:
+        frame_folder(path, carphone(3))
+        (path / "frame1.png").unlink()
+        os.mkfifo(path / "frame1.png")
+
+    with deadline():
+        clips, skips = dataset_with(tmp_path, "frames", make)
+    assert_skipped(clips, skips, "frames", "frames/frame1.png: a named pipe (FIFO)")
+
+
+def test_device_file_is_skipped_not_read(tmp_path) -> None:
+    # MHAD finds its videos by name anywhere under the root; this one is a link to a character device
+    root = tmp_path / "UTD-MHAD"
+    frames = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((320, 240)))[None].repeat(3, 0)
+    encode(root / "a1_s1_t1_color.avi", frames, "mpeg4")
+    os.symlink("/dev/zero", root / "a1_s4_t1_color.avi")
+    with deadline():
+        clips, skips = clips_of(DataConfig(dataset="mhad", root=str(root), image_size=32, num_frames=4))
+    assert list(clips) == ["a1_s1_t1"]
+    assert [s.video_id for s in skips] == ["a1_s4_t1"] and "a character device" in skips[0].reason
+
+
+def test_broken_symlink_is_skipped_naming_its_target(tmp_path) -> None:
+    clips, skips = dataset_with(
+        tmp_path, "link.mp4", lambda path: os.symlink(path.parent / "moved.mp4", path)
+    )
+    assert_skipped(clips, skips, "link", "link.mp4: a broken symlink (to ")
+    assert "moved.mp4); point it at the file or leave the clip out" in skips[0].reason
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, os.mkdir], ids=["fifo", "folder"])
+def test_labels_csv_not_a_regular_file(tmp_path, make) -> None:
+    root = tmp_path / "ds"
+    root.mkdir()
+    make(root / "labels.csv")
+    with deadline(), pytest.raises(ValueError, match=r"labels\.csv: not a regular file"):
+        iter_dataset(folder_cfg(root), 0)
+
+
+# ---------------------------------------------------------------------------- short clips
+
+
+def test_clips_shorter_than_k_are_named_at_preprocess(tmp_path) -> None:
+    root = tmp_path / "ds"
+    frame_folder(root / "short", carphone(3))
+    frame_folder(root / "long", carphone(12))
+    frame_folder(root / "test", carphone(12))
+    write_labels(root, "video,label,split\nshort,talk,train\nlong,talk,train\ntest,talk,test\n")
+    with pytest.warns(
+        ShortClipWarning,
+        match=r"1 clip\(s\) have fewer frames than data\.num_frames=5: short \(3\); .*lower data\.num_frames "
+        "or leave these clips out",
+    ):
+        metrics, rows, _ = run_preprocess(
+            tmp_path, dataset="folder", root=str(root), num_frames=5, max_frames=8
+        )
+    assert metrics["videos"] == 3 and [r.video_id for r in rows] == ["short", "long", "test"]  # nothing lost
 
 
 def test_frames_of_different_sizes_are_skipped(tmp_path) -> None:
@@ -328,6 +419,37 @@ def test_labels_csv_empty_label(tmp_path) -> None:
     labels_error(tmp_path, "video,label\na,smile\nb,  \n", r"line 3: video 'b': empty 'label'")
 
 
+@pytest.mark.parametrize(
+    "label", ["wave\0", '"raise\nboth arms"', "nod\x1b[31m"], ids=["nul", "newline", "escape"]
+)
+def test_labels_csv_label_with_a_control_character(tmp_path, label) -> None:
+    labels_error(
+        tmp_path,
+        f"video,label\na,smile\nb,{label}\n",
+        r"line 3: video 'b': label .* holds a control character",
+    )
+
+
+@pytest.mark.parametrize(
+    ("subject", "why"),
+    [
+        ("anna/ben", "holds a path separator"),
+        ("anna\\ben", "holds a path separator"),
+        ("anna\0", "holds a control character"),
+        ("..", "is '.', '..' or starts with '__'"),
+        ("__anna", "is '.', '..' or starts with '__'"),
+        ("a" * 201, "is longer than 200 bytes"),
+    ],
+    ids=["slash", "backslash", "nul", "dotdot", "dunder", "long"],
+)
+def test_labels_csv_subject_that_cannot_name_a_file(tmp_path, subject, why) -> None:
+    labels_error(
+        tmp_path,
+        f"video,label,subject\na,smile,me\nb,smile,{subject}\n",
+        rf"line 3: video 'b': subject .* {why}: it names the generated videos' files .*; rename it",
+    )
+
+
 def test_labels_csv_wrong_field_count(tmp_path) -> None:
     labels_error(
         tmp_path, "video,label\na,smile,extra\nb\n", r"line 2: 3 fields, the header has 2\n  line 3: 1 fields"
@@ -426,7 +548,18 @@ def test_generate_rejects_out_of_range_sampler_options(tmp_path, capsys, option,
     from lfdm.cli import main
 
     params = Path(__file__).parents[2] / "params.yaml"
-    argv = ["--params", str(params), "generate", "--image", str(tmp_path / "x.png"), "--label", "zoom in",
-            "--out", str(tmp_path / "x.gif"), option, value]
+    argv = [
+        "--params",
+        str(params),
+        "generate",
+        "--image",
+        str(tmp_path / "x.png"),
+        "--label",
+        "zoom in",
+        "--out",
+        str(tmp_path / "x.gif"),
+        option,
+        value,
+    ]
     assert main(argv) == 2
     assert option.removeprefix("--") in capsys.readouterr().err
