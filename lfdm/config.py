@@ -7,8 +7,9 @@ section object; checkpoints store ``section.model_dump(mode="json")`` and rebuil
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +22,19 @@ class Section(BaseModel):
 
 class ParamsError(ValueError):
     """A params file that cannot be used; the message names the file and the key."""
+
+
+# Adam's β1, β2: β = 1 never forgets, and the bias correction divides by 1 − βᵗ = 0
+Betas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+Milestones = tuple[Annotated[float, Field(gt=0, le=1)], ...]  # fractions of a run's steps
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # numpy takes no negative seed, np.random.seed only 32 bits
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")  # what lfdm.device.resolve_device accepts
+
+
+def _one_over_n(scale: float) -> float:
+    if abs(round(1 / scale) * scale - 1) > 1e-6:
+        raise ValueError(f"must be 1/n for a whole n (1, 0.5, 0.25, …), got {scale}")
+    return scale
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -69,6 +83,11 @@ class DataConfig(Section):
                 f"max_frames: {self.max_frames} stored frames per clip cannot give "
                 f"num_frames={self.num_frames} distinct frames; raise data.max_frames"
             )
+        if self.dataset == "embedded" and self.embedded.source_frames < self.num_frames:
+            raise ValueError(
+                f"embedded.source_frames: {self.embedded.source_frames} rendered frames per clip cannot give "
+                f"num_frames={self.num_frames} distinct frames; raise data.embedded.source_frames"
+            )
         return self
 
 
@@ -112,10 +131,8 @@ class LFAEConfig(Section):
 
     @field_validator("bg_scale")
     @classmethod
-    def _one_over_n(cls, scale: float) -> float:
-        if abs(round(1 / scale) * scale - 1) > 1e-6:
-            raise ValueError(f"must be 1/n for a whole n (1, 0.5, 0.25, …), got {scale}")
-        return scale
+    def _bg_scale(cls, scale: float) -> float:
+        return _one_over_n(scale)
 
     @property
     def latent_channels(self) -> int:
@@ -140,8 +157,15 @@ class EquivarianceConfig(Section):
 class PerceptualConfig(Section):
     backbone: Literal["mobilenet_v2", "vgg19"] = "mobilenet_v2"
     weights: str | None = None  # a local .pth; None → the offline package's (mobilenet_v2) or torch hub cache (vgg19)
-    scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
+    scales: tuple[Annotated[float, Field(gt=0, le=1)], ...] = (1.0, 0.5, 0.25, 0.125)  # each 1/n
     weight: float = Field(10.0, ge=0)
+
+    @field_validator("scales")
+    @classmethod
+    def _pyramid(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if not scales:
+            raise ValueError("must list at least one scale (1.0: the frames as they are)")
+        return tuple(_one_over_n(s) for s in scales)
 
 
 TeacherName = Literal["dis_ultrafast", "dis_fast", "dis_medium", "farneback"]  # OpenCV's methods, lfdm.teacher
@@ -158,7 +182,7 @@ class PretrainFlowConfig(Section):
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)  # the lr decays linearly to 0
+    betas: Betas = (0.9, 0.999)  # the lr decays linearly to 0
     # loss weights beside the final flow's (1): the correlation estimator's local motion, the background
     # affine's and each region's own motion against the teacher, the occlusion head against the teacher's
     # visibility, FOMM's equivariance
@@ -181,8 +205,8 @@ class TrainLFAEConfig(Section):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)
-    betas: tuple[float, float] = (0.5, 0.999)
-    milestones: tuple[float, ...] = (0.6, 0.9)  # fractions of `steps` (paper: epochs 60, 90 of 100)
+    betas: Betas = (0.5, 0.999)
+    milestones: Milestones = (0.6, 0.9)  # fractions of `steps` (paper: epochs 60, 90 of 100)
     gamma: float = Field(0.1, gt=0)
     perceptual: PerceptualConfig = PerceptualConfig()
     equivariance: EquivarianceConfig = EquivarianceConfig()
@@ -226,6 +250,12 @@ class UNetConfig(Section):
         if not v or any(m < 1 for m in v):
             raise ValueError(f"must be a non-empty list of positive ints, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _groups_divide_the_channels(self) -> UNetConfig:
+        if self.dim % self.resnet_groups:  # GroupNorm splits every level's dim × mult channels into groups
+            raise ValueError(f"resnet_groups: {self.resnet_groups} groups do not divide dim={self.dim}")
+        return self
 
 
 class DiffusionConfig(Section):
@@ -279,7 +309,7 @@ class SampleConfig(SamplerConfig):
     extra_label_videos: int = Field(2, ge=0)  # test images that also get each extra label
     seen_videos: int = Field(32, ge=0)  # training clips also generated: FVD on seen vs unseen images
     batch_size: int = Field(8, ge=1)
-    seed: int = 1234
+    seed: Seed = 1234
     fps: int = Field(8, ge=1)
 
 
@@ -298,10 +328,10 @@ class TrainDMConfig(Section):
     steps: int = Field(3200, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.99)
+    betas: Betas = (0.9, 0.99)
     # linear / cosine: from lr to 0 over the run (diffusers' schedules); multistep: × gamma at milestones (paper)
     lr_schedule: LRScheduleName = "linear"
-    milestones: tuple[float, ...] = (0.67, 0.83)  # multistep: fractions of `steps` (paper: epochs 800, 1000)
+    milestones: Milestones = (0.67, 0.83)  # multistep: fractions of `steps` (paper: epochs 800, 1000)
     gamma: float = Field(0.1, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
     # EMA of the weights, saved as the model: decay 1 − (1 + step)^(−2/3) (diffusers' warm-up, so it suits
@@ -329,7 +359,7 @@ class FinetuneDecoderConfig(Section):
     steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: Betas = (0.5, 0.999)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -382,7 +412,7 @@ class ParallelConfig(Section):
 
 
 class Params(Section):
-    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
+    seed: Seed = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, CUDA only
     paths: PathsConfig = PathsConfig()
@@ -407,6 +437,22 @@ class Params(Section):
         return DataConfig.model_validate(
             self.data.model_dump() | {"dataset": ft.dataset, "root": ft.root, "crop": ft.crop}
         )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not DEVICES.fullmatch(device):
+            raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
+        return device
+
+    @model_validator(mode="after")
+    def _steps_fit_the_diffusion(self) -> Params:
+        if self.sample.steps > self.dm.diffusion.timesteps:
+            raise ValueError(
+                f"sample.steps: {self.sample.steps} sampling steps, but the model is trained on "
+                f"dm.diffusion.timesteps={self.dm.diffusion.timesteps} noise levels; lower sample.steps"
+            )
+        return self
 
     @model_validator(mode="after")
     def _finetune_is_usable(self) -> Params:

@@ -7,14 +7,28 @@ from collections.abc import Iterator
 
 import torch
 
+from lfdm.config import DEVICES, ParamsError
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when present, else CPU. An explicit CUDA device that does not exist is an error."""
+
+def resolve_device(name: str = "auto", key: str = "device") -> torch.device:
+    """``auto`` → CUDA when present, else CPU. A device torch cannot use here is an error naming ``key``
+    (the params key or command-line flag it came from)."""
+    if not DEVICES.fullmatch(name):
+        raise ParamsError(f"{key}: unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} asked for CUDA, but torch sees no CUDA device (use 'auto' or 'cpu')")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParamsError(
+                f"{key}: {name!r} asks for CUDA, but torch {torch.__version__} sees no CUDA device here; "
+                f"set {key} to auto or cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ParamsError(
+                f"{key}: {name!r}, but torch sees {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})"
+            )
     return device
 
 

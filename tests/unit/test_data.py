@@ -46,7 +46,7 @@ def default_clips():
 
 def _small(**embedded) -> DataConfig:
     base = {"clips_per_image": 2, "test_images": 2, "max_train_images": 4, "source_frames": 6}
-    return DataConfig(image_size=32, embedded=EmbeddedDataConfig(**{**base, **embedded}))
+    return DataConfig(image_size=32, num_frames=4, embedded=EmbeddedDataConfig(**{**base, **embedded}))
 
 
 def test_embedded_is_deterministic_per_seed():
