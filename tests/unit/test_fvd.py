@@ -30,7 +30,7 @@ ROOT = Path(__file__).parents[2]
 GOLDEN = ROOT / "tests/data/i3d_golden.npz"
 
 # the script that wrote the golden logits also rebuilds their inputs (numpy + PyAV only, no jax)
-_spec = importlib.util.spec_from_file_location("make_i3d_golden", ROOT / "scripts/make_i3d_golden.py")
+_spec = importlib.util.spec_from_file_location("make_i3d_golden", ROOT / "tests/tools/make_i3d_golden.py")
 golden_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(golden_script)
 

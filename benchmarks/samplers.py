@@ -2,9 +2,9 @@
 re-runs only `sample` and `evaluate`; prints LFDM's FVD, condition accuracy, flow cosine and seconds per
 video for each, as a markdown table.
 
-    python scripts/sampling_ablation.py                                   # every row of ROWS
-    python scripts/sampling_ablation.py --rows ddim-10 dpmsolver++-20     # some of them
-    python scripts/sampling_ablation.py --set sample.seen_videos=0        # extra -S for every row
+    python benchmarks/samplers.py                                   # every row of ROWS
+    python benchmarks/samplers.py --rows ddim-10 dpmsolver++-20     # some of them
+    python benchmarks/samplers.py --set sample.seen_videos=0        # extra -S for every row
 
 Afterwards params.yaml, dvc.lock, the metrics and the outputs are back as they were; `dvc exp show` lists the
 experiments and `dvc exp apply <name>` brings one into the workspace.

@@ -11,8 +11,8 @@ from the first to the last frame with the exact one:
 - ``ratio``: the part of F's motion along the exact motion (1 = the right size), and ``acc``: the
   share of clips whose motion is nearest (cosine) to their own label's exact motion (chance 1/8).
 
-    python scripts/probe_flow.py --lfae data/models/lfae.pt             # the pipeline's LFAE, test clips
-    python scripts/probe_flow.py --lfae ckpt.pt --split train --params params.yaml
+    python tools/probe_flow.py --lfae data/models/lfae.pt             # the pipeline's LFAE, test clips
+    python tools/probe_flow.py --lfae ckpt.pt --split train --params params.yaml
 """
 
 from __future__ import annotations

