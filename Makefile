@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml requirements-assets.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
+	$(BIN)/python -m lfdm.plots_html  # dvc plots show's page with vega inlined (.dvc/config: plots.html_template)
 	touch $@
 
 run: install  ## the whole pipeline on the embedded dataset, one MLflow parent run
