@@ -36,6 +36,11 @@ SPECIAL_FILES = {
 }
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot be used as a whole (its directory, its list of clips, no usable clips); the
+    message names the file, line or key and what to do. A clip that cannot be used is a :class:`Skip`."""
+
+
 @dataclass(frozen=True)
 class Skip:
     """A clip ``preprocess`` could not use, and why (the reason names the file)."""

@@ -3,8 +3,8 @@
 The embedded dataset is rendered; the real ones (``folder``, ``mug``, ``mhad``, ``natops``,
 ``faceforensics``) are listed by their readers (``lfdm.data.folder``, ``lfdm.data.readers``) and loaded
 clip by clip (``lfdm.data.clips``). Problems with the dataset as a whole (``data.root`` missing, a bad
-``labels.csv``, no clips found) raise at once, before any video is read; a clip that cannot be used
-(missing, corrupt, too short, no face) is skipped with a :class:`SkippedClipWarning` and handed to
+``labels.csv``, no clips found) raise a :class:`~lfdm.data.clips.DatasetError` at once, before any video is
+read; a clip that cannot be used (missing, corrupt, too short, no face, a FIFO or device) is skipped with a :class:`SkippedClipWarning` and handed to
 ``on_skip``, and the others go on.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lfdm.config import DataConfig
-from lfdm.data.clips import Skip, Source, load_source
+from lfdm.data.clips import DatasetError, Skip, Source, load_source
 from lfdm.data.embedded import Clip, generate_clips
 from lfdm.data.folder import folder_sources
 from lfdm.data.readers import faceforensics_sources, mhad_sources, mug_sources, natops_sources
@@ -40,7 +40,7 @@ def iter_dataset(cfg: DataConfig, seed: int, on_skip: Callable[[Skip], None] | N
         return generate_clips(cfg, seed)
     root = Path(cfg.root or "").expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root={cfg.root!r}: no such directory (the {cfg.dataset} dataset)")
+        raise DatasetError(f"data.root={cfg.root!r}: no such directory (the {cfg.dataset} dataset)")
     return _load(READERS[cfg.dataset](root, cfg, seed), cfg, on_skip)
 
 

@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path, PurePosixPath
 
 from lfdm.config import DataConfig
-from lfdm.data.clips import ClipSpec, Source, path_id, shuffled
+from lfdm.data.clips import ClipSpec, DatasetError, Source, path_id, shuffled
 from lfdm.data.crop import make_cropper
 from lfdm.data.manifest import SPLITS
 from lfdm.video import IMAGE_SUFFIXES
@@ -92,14 +92,14 @@ def read_labels(root: Path, test_fraction: float, seed: int) -> list[tuple[PureP
         ids.setdefault(video_id, line)
     if problems:
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise ValueError(f"{path}:\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more)
+        raise DatasetError(f"{path}:\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more)
 
     subjects = {key: subject or path_id(PurePosixPath(key)) for _, key, _, subject, _ in specs}
     held: set[str] = set()
     if "split" not in header:
         order = shuffled(list(subjects.values()), seed)
         if len(order) < 2:
-            raise ValueError(
+            raise DatasetError(
                 f"{path}: no 'split' column and a single subject {order[0]!r}: cannot hold one out for "
                 "test; add a split column (train/test) or more subjects"
             )
@@ -128,11 +128,11 @@ def folder_sources(root: Path, cfg: DataConfig, seed: int) -> list[Source]:
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """(normalised header, [(line number, cells)] of the non-blank rows)."""
     if path.exists() and not path.is_file():  # a folder, or a FIFO that would block the read
-        raise ValueError(f"{path}: not a regular file; a folder dataset lists its clips in this CSV file")
+        raise DatasetError(f"{path}: not a regular file; a folder dataset lists its clips in this CSV file")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise DatasetError(
             f"{path}: no such file; a folder dataset lists its clips there (columns video, label, "
             "optional subject, split)"
         ) from None
@@ -140,7 +140,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is fine
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise ValueError(
+        raise DatasetError(
             f"{path}: line {line}: not UTF-8 text (byte {raw[err.start]:#04x}); save it as UTF-8"
         ) from None
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -152,26 +152,26 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                 rows.append((end + 1, cells))
             end = reader.line_num
     except csv.Error as err:
-        raise ValueError(f"{path}: line {reader.line_num}: not valid CSV: {err}") from None
+        raise DatasetError(f"{path}: line {reader.line_num}: not valid CSV: {err}") from None
     if not rows:
-        raise ValueError(
+        raise DatasetError(
             f"{path}: empty; expected a header with columns video, label (optional subject, split)"
         )
     (line, header_cells), rows = rows[0], rows[1:]
     header = [h.strip().lower() for h in header_cells]
     duplicated = sorted({h for h in header if header.count(h) > 1})
     if duplicated:
-        raise ValueError(f"{path}: line {line}: duplicate column(s) {', '.join(map(repr, duplicated))}")
+        raise DatasetError(f"{path}: line {line}: duplicate column(s) {', '.join(map(repr, duplicated))}")
     missing = [c for c in REQUIRED if c not in header]
     if missing:
-        raise ValueError(
+        raise DatasetError(
             f"{path}: missing column(s) {', '.join(map(repr, missing))} in the header (line {line}); "
             f"found {header}. Expected video, label and optionally subject, split"
         )
     if extra := [h for h in header if h not in REQUIRED + OPTIONAL]:
         warnings.warn(f"{path}: ignoring column(s) {', '.join(map(repr, extra))}", stacklevel=3)
     if not rows:
-        raise ValueError(f"{path}: no clips, only a header")
+        raise DatasetError(f"{path}: no clips, only a header")
     return header, rows
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lfdm.config import DataConfig
-from lfdm.data.clips import Skip
+from lfdm.data.clips import DatasetError, Skip
 from lfdm.data.datasets import iter_dataset
 from lfdm.data.frames import FrameStore, sample_frame_indices
 from lfdm.data.manifest import ManifestRow, write_manifest
@@ -60,7 +60,7 @@ def prepare_dataset(
     splits = [r.split for r in rows]
     for split in ("train", "test"):
         if split not in splits:
-            raise ValueError(
+            raise DatasetError(
                 f"{key}.dataset={cfg.dataset}: no usable {split} clips ({len(rows)} read, {len(skipped)} "
                 f"skipped: see {report}); the stages after it need both train and test clips"
             )

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lfdm.config import DataConfig
-from lfdm.data.clips import VIDEO_SUFFIXES, ClipSpec, Source, path_id, shuffled
+from lfdm.data.clips import VIDEO_SUFFIXES, ClipSpec, DatasetError, Source, path_id, shuffled
 from lfdm.data.crop import Box, Cropper, depth_box, make_cropper, pixel_box
 
 # ---------------------------------------------------------------------------------------------- MUG
@@ -48,7 +48,7 @@ def mug_sources(root: Path, cfg: DataConfig, seed: int) -> list[Source]:
                     spec = ClipSpec(path_id(rel), expression, subject, split, f"mug:{rel.as_posix()}")
                     sources.append(Source(take, (spec,), crop))
     if not sources:
-        raise ValueError(
+        raise DatasetError(
             f"{root}: no MUG takes found: expected <subject>/<expression>/<take>/*.jpg with subjects of "
             f"the paper's split (e.g. {root}/001/happiness/take000/img_0000.jpg)"
         )
@@ -117,7 +117,7 @@ def mhad_sources(root: Path, cfg: DataConfig, seed: int) -> list[Source]:
         body = functools.partial(mhad_body_box, depths.get((a, s, t)))
         sources.append(Source(path, (spec,), _cropper(cfg, "body", body)))
     if not sources:
-        raise ValueError(
+        raise DatasetError(
             f"{root}: no UTD-MHAD videos found: expected a<action>_s<subject>_t<trial>_color.avi files"
         )
     return sources
@@ -181,7 +181,7 @@ def natops_sources(root: Path, cfg: DataConfig, seed: int) -> list[Source]:
     crop = _cropper(cfg, "body", lambda frames: NATOPS_BOX)
     seg_files = sorted(root.rglob("segmentation.txt"))
     if not seg_files:
-        raise FileNotFoundError(f"{root}: no segmentation.txt (NATOPS's repetition boundaries) under it")
+        raise DatasetError(f"{root}: no segmentation.txt (NATOPS's repetition boundaries) under it")
     segments = parse_natops_segmentation(seg_files[0])
     videos = {
         (int(m[1]), int(m[2])): p
@@ -221,7 +221,7 @@ def parse_natops_segmentation(path: Path) -> dict[tuple[int, int], list[tuple[in
     try:
         lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text: {err}") from None
+        raise DatasetError(f"{path}: not UTF-8 text: {err}") from None
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("//"):
@@ -229,22 +229,22 @@ def parse_natops_segmentation(path: Path) -> dict[tuple[int, int], list[tuple[in
         if m := re.fullmatch(r"(\d+)\s*,\s*(\d+)\s*,\s*\d+", line):
             current = int(m[1]), int(m[2])
             if not 1 <= current[1] <= len(NATOPS_GESTURES):
-                raise ValueError(
+                raise DatasetError(
                     f"{path}: line {number}: gesture {current[1]} is not in 1..{len(NATOPS_GESTURES)}"
                 )
             out.setdefault(current, [])
         elif m := re.fullmatch(r"(\d+)\s*:\s*(\d+)\s*,\s*(\d+)", line):
             rep, first, last = map(int, m.groups())
             if current is None or first < 1 or last < first:
-                raise ValueError(
+                raise DatasetError(
                     f"{path}: line {number}: {line!r}: expected repetition:first,last (1-based, "
                     "first <= last) after a subject,gesture,count line"
                 )
             out[current].append((rep, first - 1, last))
         else:
-            raise ValueError(f"{path}: line {number}: cannot parse {line!r}")
+            raise DatasetError(f"{path}: line {number}: cannot parse {line!r}")
     if not out:
-        raise ValueError(f"{path}: no segments")
+        raise DatasetError(f"{path}: no segments")
     return out
 
 
@@ -265,7 +265,7 @@ def faceforensics_sources(root: Path, cfg: DataConfig, seed: int) -> list[Source
         if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
     }
     if not videos:
-        raise ValueError(f"{root}: no videos ({', '.join(VIDEO_SUFFIXES)}) under it")
+        raise DatasetError(f"{root}: no videos ({', '.join(VIDEO_SUFFIXES)}) under it")
     order = shuffled(list(videos), seed)
     n_test = min(FACEFORENSICS_SUBJECTS, len(order) // 2)
     n_train = min(FACEFORENSICS_SUBJECTS, len(order) - n_test)

@@ -29,6 +29,7 @@ from test_datasets import (
 )
 
 from lfdm.config import DataConfig, ParamsError, parse_params
+from lfdm.data.clips import DatasetError
 from lfdm.data.datasets import SkippedClipWarning, iter_dataset
 from lfdm.data.prepare import ShortClipWarning
 from lfdm.video import write_video
@@ -170,7 +171,7 @@ def test_labels_csv_not_a_regular_file(tmp_path, make) -> None:
     root = tmp_path / "ds"
     root.mkdir()
     make(root / "labels.csv")
-    with deadline(), pytest.raises(ValueError, match=r"labels\.csv: not a regular file"):
+    with deadline(), pytest.raises(DatasetError, match=r"labels\.csv: not a regular file"):
         iter_dataset(folder_cfg(root), 0)
 
 
@@ -234,7 +235,7 @@ def test_skips_warn_and_all_skipped_fails_preprocess(tmp_path) -> None:
     assert [str(w.message).split(":")[0] for w in record] == ["skipped clip bad", "skipped clip short"]
     with (
         pytest.warns(SkippedClipWarning),
-        pytest.raises(ValueError, match=r"no usable train clips .*preprocess_skipped\.json"),
+        pytest.raises(DatasetError, match=r"no usable train clips .*preprocess_skipped\.json"),
     ):
         run_preprocess(tmp_path, dataset="folder", root=str(root))
     report = json.loads((tmp_path / "metrics" / "preprocess_skipped.json").read_text())
@@ -326,7 +327,7 @@ def test_variable_frame_rate_is_read_as_a_frame_sequence(tmp_path) -> None:
 # ------------------------------------------------------------------------------------ labels.csv
 
 
-def labels_error(tmp_path: Path, text: str | bytes | None, match: str, exc: type = ValueError) -> None:
+def labels_error(tmp_path: Path, text: str | bytes | None, match: str) -> None:
     root = tmp_path / "ds"
     frame_folder(root / "a", carphone(2))
     frame_folder(root / "b", carphone(2))
@@ -334,12 +335,12 @@ def labels_error(tmp_path: Path, text: str | bytes | None, match: str, exc: type
         (root / "labels.csv").write_bytes(text)
     elif text is not None:
         (root / "labels.csv").write_text(text)
-    with pytest.raises(exc, match=match):
+    with pytest.raises(DatasetError, match=match):
         iter_dataset(folder_cfg(root), 0)  # raised at once, before any video is read
 
 
 def test_labels_csv_missing(tmp_path) -> None:
-    labels_error(tmp_path, None, r"ds/labels\.csv: no such file", FileNotFoundError)
+    labels_error(tmp_path, None, r"ds/labels\.csv: no such file")
 
 
 @pytest.mark.parametrize("text", ["", "\n\n  \n", "\ufeff"], ids=["zero-bytes", "blank-lines", "bom-only"])
@@ -476,16 +477,14 @@ def test_labels_csv_lists_every_problem_at_once(tmp_path) -> None:
 
 def test_dataset_root_missing(tmp_path) -> None:
     cfg = DataConfig(dataset="mug", root=str(tmp_path / "nowhere"))
-    with pytest.raises(
-        FileNotFoundError, match=r"data\.root=.*nowhere.*no such directory \(the mug dataset\)"
-    ):
+    with pytest.raises(DatasetError, match=r"data\.root=.*nowhere.*no such directory \(the mug dataset\)"):
         iter_dataset(cfg, 0)
 
 
 @pytest.mark.parametrize("dataset", ["mug", "mhad", "faceforensics"])
 def test_dataset_without_clips(tmp_path, dataset) -> None:
     (tmp_path / "notes.txt").write_text("nothing here")
-    with pytest.raises(ValueError, match=str(tmp_path)):
+    with pytest.raises(DatasetError, match=str(tmp_path)):
         iter_dataset(DataConfig(dataset=dataset, root=str(tmp_path)), 0)
 
 
@@ -503,7 +502,7 @@ def test_dataset_without_clips(tmp_path, dataset) -> None:
 def test_natops_bad_segmentation(tmp_path, text, match) -> None:
     if text is not None:
         (tmp_path / "segmentation.txt").write_text(text)
-    with pytest.raises((ValueError, FileNotFoundError), match=match):
+    with pytest.raises(DatasetError, match=match):
         iter_dataset(DataConfig(dataset="natops", root=str(tmp_path)), 0)
 
 
