@@ -7,6 +7,7 @@ section object; checkpoints store ``section.model_dump(mode="json")`` and rebuil
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -396,8 +397,9 @@ class PathsConfig(Section):
 
 class TrackingConfig(Section):
     enabled: bool = True
-    uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db in the repo
+    uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db at the repo root
     experiment: str = "lfdm"
+    required: bool = False  # true: a stage fails, naming the URI, when tracking does (else it goes on untracked)
 
 
 class ParallelConfig(Section):
@@ -516,6 +518,10 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
 def load_params(path: str | Path = "params.yaml") -> Params:
     """The one reader of params.yaml."""
     path = Path(path)
+    return parse_params(_read_mapping(path), str(path))
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -524,4 +530,43 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return parse_params(raw, str(path))
+    return raw
+
+
+def apply_overlay(overlay: str | Path, params: str | Path = "params.yaml") -> list[str]:
+    """Write ``overlay``'s values (a YAML of the keys that differ, e.g. configs/paper.yaml) into the params
+    file ``params`` in place, its comments and key order kept; the result is validated before anything is
+    written. Returns the dotted keys whose value changed."""
+    from ruamel.yaml import YAML  # round-trip YAML (DVC's own): comments survive
+
+    overlay, params = Path(overlay), Path(params)
+    changes = _read_mapping(overlay)
+    round_trip = YAML()
+    round_trip.width, round_trip.default_flow_style = 4096, None  # no re-wrapping; new lists inline like ours
+    round_trip.preserve_quotes = True
+    round_trip.representer.add_representer(
+        type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    try:
+        tree = round_trip.load(params.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{params}: no such params file") from None
+    changed: list[str] = []
+
+    def merge(node: Any, values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            dotted = f"{prefix}{key}"
+            if not isinstance(node, dict) or key not in node:
+                raise ParamsError(f"{overlay}: {dotted} is not a key of {params}")
+            if isinstance(value, dict):
+                merge(node[key], value, f"{dotted}.")
+            elif node[key] != value:
+                node[key] = value
+                changed.append(dotted)
+
+    merge(tree, changes, "")
+    text = io.StringIO()
+    round_trip.dump(tree, text)
+    parse_params(yaml.safe_load(text.getvalue()), f"{params} with {overlay}")
+    params.write_text(text.getvalue())
+    return changed
