@@ -66,6 +66,6 @@ def lfdm(params_path: str = "params.yaml", project_dir: str = ".", force: bool =
         return submit_all()
     from lfdm import tracking
 
-    tracking.configure(params.tracking.uri, params.tracking.experiment)
+    tracking.configure(params.tracking.uri, params.tracking.experiment, params.tracking.required)
     with tracking.pipeline_run(params.model_dump(mode="json"), run_name="prefect lfdm"):
         return submit_all()

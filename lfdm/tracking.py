@@ -1,37 +1,188 @@
-"""MLflow tracking: one parent run per pipeline run, one child run per stage.
+"""MLflow tracking: one parent run per pipeline run, one child run per stage, best effort.
 
 The parent run id travels in ``LFDM_MLFLOW_PARENT_RUN_ID``: the Prefect flow (and ``lfdm repro``) open
 the parent and export it. A bare ``dvc repro`` has no such wrapper, so each stage finds the parent of its
 own ``dvc`` process through a marker file (``.lfdm/mlflow-parent.json``, keyed by that process's pid and
 start time): all stages of one ``dvc repro`` share one parent, the next ``dvc repro`` gets a new one.
+
+Tracking never costs work. The store gets :data:`CONNECT_TIMEOUT` seconds to answer before a run opens,
+and a store that does not answer, or that fails mid-run, costs one warning: the stage goes on untracked
+(``tracking.required: true`` makes either an error naming the URI). Runs end FINISHED, FAILED or KILLED
+(Ctrl-C, SIGTERM); a run left RUNNING by a process that no longer exists (``kill -9``, a power cut) is
+marked KILLED by the next stage on the same host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
+import socket
 import subprocess
-from collections.abc import Iterator, Mapping
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-import mlflow
 import numpy as np
 import psutil
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from tqdm import tqdm
 
+T = TypeVar("T")
 PARENT_ENV = "LFDM_MLFLOW_PARENT_RUN_ID"
 MARKER = Path(".lfdm/mlflow-parent.json")
+CONNECT_TIMEOUT = 3.0  # seconds an HTTP store has to answer before the stage goes on untracked
 
 # Telemetry off unless the user opted in explicitly (MLflow reads the string "true", not "1").
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's HTTP client retries a call 7 times with exponential backoff and waits 120 s for each answer:
+# minutes per call against a dead server. Two retries and 10 s bound a failure mid-run to seconds once,
+# after which the stage stops tracking. Explicit settings win.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def configure(tracking_uri: str | None, experiment: str) -> None:
-    """Tracking URI: ``MLFLOW_TRACKING_URI`` wins, then params, then a local SQLite file under the repo."""
+class TrackingError(RuntimeError):
+    """The tracking store failed and ``tracking.required`` is true."""
+
+
+_required = False  # tracking.required of the latest configure()
+_down = False  # the store failed in this process since the latest configure(): tracking is off
+_client: MlflowClient | None = None  # the store of the latest configure()
+_experiment_id: str | None = None
+_local = threading.local()  # .run_id: the run this thread logs into (the Prefect flow runs stages in threads)
+
+
+def repo_root() -> Path:
+    """The DVC repository's root. DVC sets ``DVC_ROOT`` for every stage, and for ``dvc exp run --temp``
+    and ``--queue`` points it at the original repository, not the temporary copy the stage runs in.
+    Elsewhere the nearest directory above the working one with a ``.dvc`` folder (the repository that
+    holds a copy under ``.dvc/tmp/exps/``), else the working directory."""
+    if root := os.environ.get("DVC_ROOT"):
+        return Path(root).resolve()
+    cwd = Path.cwd().resolve()
+    for path in (cwd, *cwd.parents):
+        if path.parent.parts[-3:] == (".dvc", "tmp", "exps"):
+            return path.parents[3]
+        if (path / ".dvc").is_dir():
+            return path
+    return cwd
+
+
+def resolve_uri(tracking_uri: str | None) -> str:
+    """``MLFLOW_TRACKING_URI`` wins, then params, then ``mlflow.db`` at the repository root. A relative
+    SQLite path is taken from the repository root, so a stage in a temporary workspace keeps its runs."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or "sqlite:///mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{repo_root() / uri.removeprefix('sqlite:///')}"
+    return uri
+
+
+def configure(tracking_uri: str | None, experiment: str, required: bool = False) -> bool:
+    """Select the store and the experiment. False when the store does not answer (one warning; the caller
+    goes on untracked), or :class:`TrackingError` when ``required``. The URI goes to an explicit client,
+    not to ``mlflow.set_tracking_uri``, which would export it as ``MLFLOW_TRACKING_URI``: that variable
+    is the user's, and it would override the params of every later configure() in this process."""
+    global _required, _down, _client, _experiment_id
+    uri = resolve_uri(tracking_uri)
+    _required, _down, _client = required, False, MlflowClient(uri)
+    _experiment_id = _call(_open, uri, experiment)
+    return _experiment_id is not None
+
+
+def _open(uri: str, experiment: str) -> str:
+    _probe(uri)
+    experiment_id = _experiment(experiment, uri)
+    _end_orphans(experiment_id)
+    return experiment_id
+
+
+def _probe(uri: str) -> None:
+    """Raise unless an HTTP store answers within :data:`CONNECT_TIMEOUT` (the wait includes name lookup,
+    which no socket timeout bounds). Other stores are local files and fail fast on their own."""
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    answer: list[BaseException | None] = []
+
+    def get() -> None:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CONNECT_TIMEOUT):
+                answer.append(None)
+        except urllib.error.HTTPError as err:  # it answered; a 5xx is a proxy whose server is down
+            answer.append(err if err.code >= 500 else None)
+        except (OSError, http.client.HTTPException) as err:
+            answer.append(err)
+
+    thread = threading.Thread(target=get, daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT)
+    if not answer:
+        raise TimeoutError(f"no answer within {CONNECT_TIMEOUT:g} s")
+    if answer[0] is not None:
+        raise answer[0]
+
+
+def _experiment(name: str, uri: str) -> str:
+    if found := _client.get_experiment_by_name(name):
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in a temporary working directory
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns" / name).as_uri()
+    return _client.create_experiment(name, artifact_location=location)
+
+
+def _owner() -> dict[str, str]:
+    """Tags naming this process, so that a later stage can tell whether the run's process still exists."""
+    me = psutil.Process()
+    return {"lfdm.host": socket.gethostname(), "lfdm.process": f"{me.pid}@{me.create_time()}"}
+
+
+def _end_orphans(experiment_id: str) -> None:
+    """Mark KILLED this host's RUNNING runs whose process no longer exists."""
+    running_here = f"attributes.status = 'RUNNING' and tags.`lfdm.host` = '{socket.gethostname()}'"
+    for run in _client.search_runs([experiment_id], running_here):
+        pid, _, started = run.data.tags.get("lfdm.process", "").partition("@")
+        try:
+            alive = str(psutil.Process(int(pid)).create_time()) == started
+        except (ValueError, psutil.Error):
+            alive = False
+        if not alive:
+            _client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _lost(err: BaseException) -> None:
+    """The store failed: raise when tracking is required, else warn (once) and stop tracking."""
+    global _down
+    reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    message = f"MLflow tracking at {_client.tracking_uri} failed: {reason}"
+    if _required:
+        raise TrackingError(f"{message} (tracking.required is true)") from err
+    if not _down:
+        _down = True
+        # tqdm.write: on a line of its own, not after a training stage's progress bar
+        tqdm.write(f"warning: {message}; going on untracked (tracking.required: true makes this an error)",
+                   file=sys.stderr)
+
+
+def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """``fn(*args, **kwargs)`` unless tracking is down; a failure takes it down (see :func:`_lost`)."""
+    if _down:
+        return None
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - whatever the store or its client raises, the stage goes on
+        _lost(err)
+        return None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,6 +206,14 @@ def _git_commit() -> str | None:
         return None
 
 
+def _start(run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
+    """A RUNNING run in the configured experiment, owned by this process, with ``params`` logged."""
+    tags = resolve_tags({**_owner(), **tags})  # adds user and source, as mlflow.start_run does
+    run_id = _client.create_run(_experiment_id, tags=tags, run_name=run_name).info.run_id
+    _client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    return run_id
+
+
 def start_parent(params: Mapping[str, Any], run_name: str = "pipeline") -> str:
     """Create the parent run, log the whole params tree on it, and return its id (left RUNNING)."""
     tags = {"lfdm.kind": "pipeline"}
@@ -62,10 +221,7 @@ def start_parent(params: Mapping[str, Any], run_name: str = "pipeline") -> str:
         tags["mlflow.source.git.commit"] = commit
     if exp := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = exp
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params(flatten(params))
-    mlflow.MlflowClient().update_run(run.info.run_id, status="RUNNING")
-    return run.info.run_id
+    return _start(run_name, tags, flatten(params))
 
 
 def _dvc_ancestor() -> psutil.Process | None:
@@ -83,27 +239,47 @@ def _parent_for_this_dvc_run(params: Mapping[str, Any]) -> str:
     key = {"pid": dvc.pid, "started": dvc.create_time()} if dvc else None
     if key and MARKER.is_file():
         marker = json.loads(MARKER.read_text())
-        if marker.get("key") == key and marker.get("uri") == mlflow.get_tracking_uri():
+        if marker.get("key") == key and marker.get("uri") == _client.tracking_uri:
             return marker["run_id"]
     run_id = start_parent(params, run_name="dvc repro" if dvc else "stage")
     if key:
         MARKER.parent.mkdir(exist_ok=True)
-        MARKER.write_text(json.dumps({"key": key, "uri": mlflow.get_tracking_uri(), "run_id": run_id}))
+        MARKER.write_text(json.dumps({"key": key, "uri": _client.tracking_uri, "run_id": run_id}))
     return run_id
 
 
 @contextlib.contextmanager
-def pipeline_run(params: Mapping[str, Any], run_name: str = "pipeline") -> Iterator[str]:
-    """Open a parent run for a whole pipeline and export its id to every stage (in or out of process)."""
-    run_id = start_parent(params, run_name)
-    previous = os.environ.get(PARENT_ENV)
-    os.environ[PARENT_ENV] = run_id
+def logging_into(run_id: str | None, *ends: str | None) -> Iterator[None]:
+    """This thread logs into ``run_id`` (rank 0 into the run its launcher opened); on the way out the
+    runs ``ends`` end FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM (``SystemExit``)."""
+    previous, _local.run_id = getattr(_local, "run_id", None), run_id
     status = "FAILED"
     try:
-        yield run_id
+        yield
         status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
     finally:
-        mlflow.MlflowClient().set_terminated(run_id, status)
+        _local.run_id = previous
+        for end in filter(None, ends):
+            _call(_client.set_terminated, end, status)
+
+
+@contextlib.contextmanager
+def pipeline_run(params: Mapping[str, Any], run_name: str = "pipeline") -> Iterator[str | None]:
+    """Open a parent run for a whole pipeline and export its id to every stage (in or out of process);
+    None, and nothing exported, when tracking is down."""
+    run_id = _call(start_parent, params, run_name)
+    if run_id is None:
+        yield None
+        return
+    previous = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = run_id
+    try:
+        with logging_into(None, run_id):
+            yield run_id
+    finally:
         if previous is None:
             os.environ.pop(PARENT_ENV, None)
         else:
@@ -111,40 +287,45 @@ def pipeline_run(params: Mapping[str, Any], run_name: str = "pipeline") -> Itera
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Mapping[str, Any], section: Mapping[str, Any]) -> Iterator[str]:
-    """A child run named after the stage, with the stage's own params section logged on it.
+def stage_run(stage: str, params: Mapping[str, Any], section: Mapping[str, Any]) -> Iterator[str | None]:
+    """A child run named after the stage, with the stage's own params section logged on it; None when
+    tracking is down.
 
     Under a bare ``dvc repro`` nobody else closes the parent, so each stage leaves it FINISHED (or
-    FAILED) when it ends: the parent's status is that of the latest stage.
+    FAILED, KILLED) when it ends: the parent's status is that of the latest stage.
     """
     owned_parent = PARENT_ENV not in os.environ
-    parent = os.environ.get(PARENT_ENV) or _parent_for_this_dvc_run(params)
-    status = "FAILED"
-    try:
-        with mlflow.start_run(run_name=stage, parent_run_id=parent, tags={"lfdm.stage": stage}) as run:
-            mlflow.log_params(flatten(section, f"{stage}."))
-            yield run.info.run_id
-        status = "FINISHED"
-    finally:
-        if owned_parent:
-            mlflow.MlflowClient().set_terminated(parent, status)
+    parent = os.environ.get(PARENT_ENV) or _call(_parent_for_this_dvc_run, params)
+    run_id = None
+    if parent:
+        tags = {"lfdm.stage": stage, MLFLOW_PARENT_RUN_ID: parent}
+        run_id = _call(_start, stage, tags, flatten(section, f"{stage}."))
+    with logging_into(run_id, run_id, parent if owned_parent else None):
+        yield run_id
 
 
-# The helpers below are no-ops without an active run, so library code may call them unconditionally
-# (tracking disabled, unit tests, a notebook).
+# The helpers below are no-ops without a run (tracking disabled or down, unit tests, a notebook), so library
+# code may call them unconditionally.
+
+
+def active_run_id() -> str | None:
+    """The run this thread logs into, None when there is none or the store is down."""
+    return None if _down else getattr(_local, "run_id", None)
 
 
 def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
-    if mlflow.active_run():
-        mlflow.log_metrics(dict(values), step=step)
+    if run_id := active_run_id():
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step or 0) for key, value in values.items()]
+        _call(_client.log_batch, run_id, metrics=metrics)
 
 
 def log_image(image: np.ndarray, artifact_file: str) -> None:
     """An ``(H, W, 3)`` uint8 picture as a PNG artifact."""
-    if mlflow.active_run():
-        mlflow.log_image(image, artifact_file)
+    if run_id := active_run_id():
+        _call(_client.log_image, run_id, image, artifact_file)
 
 
 def log_file(path: str | Path, artifact_path: str | None = None) -> None:
-    if mlflow.active_run():
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    if run_id := active_run_id():
+        _call(_client.log_artifact, run_id, str(path), artifact_path)

@@ -62,9 +62,9 @@ def execute(name: str, params: Params, map_shards: MapShards | None = None) -> d
     with _tracked(name, params) as run_id:
         metrics = run(params)
         if run_id:
-            import mlflow
+            from lfdm import tracking
 
-            mlflow.log_metrics(metrics)
+            tracking.log_metrics(metrics)
     if distributed.is_main():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -80,22 +80,22 @@ def stage_function(name: str):
 @contextlib.contextmanager
 def _tracked(name: str, params: Params) -> Iterator[str | None]:
     """The stage's MLflow child run, yielding its id; rank 0 under ``launch`` joins the launcher's run.
-    Nothing (None) when tracking is off and on ranks other than 0."""
+    Nothing (None) when tracking is off or down, and on ranks other than 0."""
     if not params.tracking.enabled or not distributed.is_main():
         yield None
         return
-    import mlflow
-
     from lfdm import tracking
 
-    tracking.configure(params.tracking.uri, params.tracking.experiment)
-    if run_id := os.environ.get(RUN_ENV):
-        with mlflow.start_run(run_id=run_id):
+    settings = params.tracking
+    if not tracking.configure(settings.uri, settings.experiment, settings.required):
+        yield None
+    elif run_id := os.environ.get(RUN_ENV):
+        with tracking.logging_into(run_id):
             yield run_id
-        return
-    tree = params.model_dump(mode="json")
-    with tracking.stage_run(name, tree, {key: _lookup(tree, key) for key in STAGES[name]}) as run_id:
-        yield run_id
+    else:
+        tree = params.model_dump(mode="json")
+        with tracking.stage_run(name, tree, {key: _lookup(tree, key) for key in STAGES[name]}) as run_id:
+            yield run_id
 
 
 def _lookup(tree: dict, dotted: str):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from lfdm.config import ParamsError, load_params
 from stages import STAGES, execute
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the stage's MLflow run ends KILLED, not RUNNING
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    execute(args.stage, params)
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        execute(args.stage, params)
+    except KeyboardInterrupt:
+        print(f"error: {args.stage} interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if params.tracking.enabled:  # lfdm.tracking imports mlflow: only a stage that tracks has loaded it
+            from lfdm.tracking import TrackingError
+
+            if isinstance(err, TrackingError):
+                print(f"error: {args.stage}: {err}", file=sys.stderr)
+                return 1
+        raise
     return 0
 
 

@@ -109,22 +109,32 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """A real ``mlflow server`` (SQLite backend, proxied artifact store) on 127.0.0.1."""
-    home = tmp_path_factory.mktemp("mlflow-server")
-    port, log = free_port(), home / "server.log"
+def start_mlflow_server(home: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` (SQLite backend and proxied artifact store in ``home``) on 127.0.0.1:``port``,
+    once it answers."""
+    log = home / "server.log"
     env = service_env(home, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    with log.open("w") as out:
+    with log.open("a") as out:
         proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts")],
             cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/health", proc, 120, log)
-        yield url
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 120, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1, shared by the session."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
 

@@ -1,0 +1,153 @@
+"""lfdm.tracking is best effort: where the store lives, what an unreachable or failing store costs, and how
+runs end (FINISHED, FAILED, KILLED; never left RUNNING)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from lfdm import tracking
+
+PARAMS = {"seed": 0, "train_dm": {"steps": 4, "lr": 1e-3}}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module (creating one takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", tracking.PARENT_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+def runs(store: str, experiment: str) -> dict[str, object]:
+    client = MlflowClient(store)
+    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return {run.info.run_name: run for run in found}
+
+
+def test_the_default_store_is_at_the_repository_root(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    temp_copy = repo / ".dvc/tmp/exps/tmpk2j4"  # where `dvc exp run --temp` runs the stages
+    (temp_copy / ".dvc").mkdir(parents=True)
+    monkeypatch.chdir(temp_copy)
+    assert tracking.resolve_uri(None) == f"sqlite:///{repo}/mlflow.db"
+    assert tracking.resolve_uri("sqlite:///runs/lfdm.db") == f"sqlite:///{repo}/runs/lfdm.db"
+    monkeypatch.chdir(repo / ".dvc")
+    assert tracking.resolve_uri(None) == f"sqlite:///{repo}/mlflow.db"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # DVC names the original repository to every stage
+    assert tracking.resolve_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking.resolve_uri("sqlite:////srv/mlflow.db") == "sqlite:////srv/mlflow.db"
+    assert tracking.resolve_uri("http://mlflow:5000") == "http://mlflow:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://team:5000")
+    assert tracking.resolve_uri("http://mlflow:5000") == "http://team:5000"
+
+
+def test_a_new_experiment_keeps_its_artifacts_beside_the_database(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a temporary workspace: nothing may land here
+    assert tracking.configure(store, "artifacts")
+    location = MlflowClient(store).get_experiment_by_name("artifacts").artifact_location
+    assert location == (Path(store.removeprefix("sqlite:///")).parent / "mlruns/artifacts").as_uri()
+
+
+@pytest.fixture()
+def dead_ports():
+    """A port nobody listens on (refused at once) and one that accepts connections but never answers, as a
+    hung server or an unroutable host does."""
+    with socket.socket() as closed, socket.socket() as silent:
+        closed.bind(("127.0.0.1", 0))
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        yield [f"http://127.0.0.1:{s.getsockname()[1]}" for s in (closed, silent)]
+
+
+def test_an_unreachable_store_costs_one_warning_and_seconds(dead_ports, capsys):
+    for uri in dead_ports:
+        start = time.monotonic()
+        assert not tracking.configure(uri, "lfdm")
+        with tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"]) as run_id:
+            tracking.log_metrics({"loss": 1.0}, step=1)
+            tracking.log_file(__file__)
+        elapsed = time.monotonic() - start
+        assert run_id is None and elapsed < tracking.CONNECT_TIMEOUT + 2, (uri, elapsed)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and uri in warnings[0] and "going on untracked" in warnings[0], warnings
+
+    for uri in dead_ports:
+        start = time.monotonic()
+        with pytest.raises(tracking.TrackingError, match=f"tracking at {uri} failed.*tracking.required"):
+            tracking.configure(uri, "lfdm", required=True)
+        assert time.monotonic() - start < tracking.CONNECT_TIMEOUT + 2
+
+
+@pytest.mark.parametrize(("error", "status"), [(None, "FINISHED"), (ValueError, "FAILED"),
+                                               (KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")])
+def test_runs_end_with_the_stage(store, error, status):
+    experiment = f"end-{status}-{error and error.__name__}"
+    assert tracking.configure(store, experiment)
+    with (pytest.raises(error) if error else contextlib.nullcontext(),
+          tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"]) as run_id):
+        tracking.log_metrics({"loss/total": 0.5}, step=3)
+        if error:
+            raise error
+    found = runs(store, experiment)
+    child, parent = found["train_dm"], found["stage"]  # a stage outside any pipeline opens its own parent
+    assert child.info.run_id == run_id and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (child.info.status, parent.info.status) == (status, status)
+    assert child.data.params == {"train_dm.steps": "4", "train_dm.lr": "0.001"}
+    assert parent.data.params["train_dm.steps"] == "4"
+    assert MlflowClient(store).get_metric_history(run_id, "loss/total")[0].step == 3
+
+
+def test_runs_of_processes_that_no_longer_exist_end_killed(store):
+    assert tracking.configure(store, "orphans")
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("orphans").experiment_id
+    here = socket.gethostname()
+    owners = {"killed -9": {"lfdm.host": here, "lfdm.process": "999999999@1.0"},
+              "pid reused": {"lfdm.host": here, "lfdm.process": f"{psutil.Process().pid}@1.0"},
+              "alive": tracking._owner(),
+              "other host": {"lfdm.host": f"not-{here}", "lfdm.process": "999999999@1.0"}}
+    for name, tags in owners.items():
+        client.create_run(experiment, run_name=name, tags=tags)
+    assert tracking.configure(store, "orphans")  # what every stage does first
+    status = {name: run.info.status for name, run in runs(store, "orphans").items()}
+    assert status == {"killed -9": "KILLED", "pid reused": "KILLED", "alive": "RUNNING",
+                      "other host": "RUNNING"}
+
+
+def test_a_store_failing_mid_run_costs_one_warning(store, monkeypatch, capsys):
+    assert tracking.configure(store, "mid-run")
+    calls = []
+
+    def dead(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("Connection refused")
+
+    with tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"]):
+        monkeypatch.setattr(tracking.MlflowClient, "log_batch", dead)
+        for step in range(5):
+            tracking.log_metrics({"loss": 1.0}, step=step)
+        tracking.log_image(np.zeros((4, 4, 3), "uint8"), "x.png")
+    assert len(calls) == 1  # after the first failure nothing more is sent
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "Connection refused" in warnings[0] and store in warnings[0]
+
+    monkeypatch.undo()
+    assert tracking.configure(store, "mid-run-required", required=True)
+    with (pytest.raises(tracking.TrackingError, match="Connection refused.*tracking.required is true"),
+          tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"])):
+        monkeypatch.setattr(tracking.MlflowClient, "log_batch", dead)
+        tracking.log_metrics({"loss": 1.0}, step=1)
+    monkeypatch.undo()
+    assert runs(store, "mid-run-required")["train_dm"].info.status == "FAILED"
