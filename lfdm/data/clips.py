@@ -157,7 +157,7 @@ def special_file(path: Path) -> str | None:
 
 def _unusable(err: Exception) -> str:
     """A read error as a skip reason, with what to do about it."""
-    fix = "check the path" if isinstance(err, FileNotFoundError) else "replace or re-encode the file"
+    fix = "check the path" if isinstance(err, FileNotFoundError) else "replace or re-encode it"
     return f"{err}; {fix}, or leave the clip out"
 
 

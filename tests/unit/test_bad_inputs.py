@@ -67,7 +67,7 @@ def test_corrupt_video_is_skipped(tmp_path, damage) -> None:
 
     clips, skips = dataset_with(tmp_path, "broken.mp4", make)
     assert_skipped(clips, skips, "broken", "broken.mp4")
-    assert "replace or re-encode the file, or leave the clip out" in skips[0].reason
+    assert "replace or re-encode it, or leave the clip out" in skips[0].reason
 
 
 def test_unreadable_frame_in_a_folder_is_skipped(tmp_path) -> None:
@@ -451,6 +451,14 @@ def test_labels_csv_subject_that_cannot_name_a_file(tmp_path, subject, why) -> N
     )
 
 
+def test_labels_csv_empty_subject(tmp_path) -> None:
+    labels_error(
+        tmp_path,
+        "video,label,subject\na,smile,me\nb,smile, \n",
+        r"line 3: video 'b': empty 'subject' \(fill it in or drop the column\)",
+    )
+
+
 def test_labels_csv_wrong_field_count(tmp_path) -> None:
     labels_error(
         tmp_path, "video,label\na,smile,extra\nb\n", r"line 2: 3 fields, the header has 2\n  line 3: 1 fields"
@@ -562,3 +570,20 @@ def test_generate_rejects_out_of_range_sampler_options(tmp_path, capsys, option,
     ]
     assert main(argv) == 2
     assert option.removeprefix("--") in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the table in docs
+
+
+def test_the_reliability_table_cites_tests_that_exist() -> None:
+    """docs/reliability.md: every row names a test function that exists, and a parameter id it defines."""
+    repo = Path(__file__).parents[2]
+    rows = [r for r in (repo / "docs" / "reliability.md").read_text().splitlines() if r.startswith("| ")]
+    cited = [r.rsplit("|", 2)[-2].strip().strip("`") for r in rows if not r.startswith("| input or fault")]
+    assert len(cited) >= 40
+    for node in cited:
+        path, _, test = node.partition("::")
+        name, _, param = test.removesuffix("]").partition("[")
+        source = (repo / path).read_text()
+        assert f"def {name}(" in source, f"docs/reliability.md cites {node}: no such test"
+        assert param in source, f"docs/reliability.md cites {node}: {path} defines no parameter {param!r}"
