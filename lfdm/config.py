@@ -416,7 +416,7 @@ class ParallelConfig(Section):
 class Params(Section):
     seed: Seed = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, CUDA only
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast: CUDA, or a CPU with AMX or AVX512-BF16
     paths: PathsConfig = PathsConfig()
     tracking: TrackingConfig = TrackingConfig()
     parallel: ParallelConfig = ParallelConfig()

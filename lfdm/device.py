@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -32,11 +33,29 @@ def resolve_device(name: str = "auto", key: str = "device") -> torch.device:
     return device
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: this CPU multiplies bf16 natively (2–4× its fp32 rate); elsewhere torch emulates
+    bf16, slower than fp32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def check_precision(device: torch.device, precision: str, key: str = "precision") -> None:
+    """Refuse bf16 on a CPU that would emulate it, naming ``key``."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise ParamsError(
+            f"{key}: bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AMX or AVX512-BF16) would "
+            f"be emulated, slower than fp32; set {key} to fp32"
+        )
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str = "fp32") -> Iterator[None]:
-    """bf16 autocast on CUDA when asked; a no-op otherwise (bf16 on CPU is slower than fp32 here)."""
-    if precision == "bf16" and device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            yield
-    else:
+    """bf16 autocast when asked, on CUDA or a CPU with native bf16 (:func:`check_precision`); a no-op for
+    fp32. Region geometry, warps and Fréchet distances stay fp32 inside it (they turn autocast off)."""
+    if precision != "bf16":
+        yield
+        return
+    check_precision(device, precision)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         yield
