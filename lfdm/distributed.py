@@ -1,21 +1,26 @@
 """Data-parallel training under ``torchrun``: one code path for 1 or N processes, CPU (gloo) or GPU (NCCL).
 
 Without torchrun's environment (or with ``WORLD_SIZE=1``) nothing here starts a process group: the
-process is rank 0 of 1 and every helper is the identity. ``launch`` starts torchrun on this machine;
-several machines run torchrun themselves (docs/scaling.md).
+process is rank 0 of 1 and every helper is the identity. ``launch`` starts the processes of one machine
+itself, with torchrun's environment and a rendezvous on 127.0.0.1 only; several machines run torchrun
+themselves, with an explicit rendezvous address (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import psutil
 import torch
 import torch.distributed as dist
 import yaml
@@ -99,14 +104,78 @@ def broadcast(obj: T) -> T:
 
 
 def launch(stage: str, params: Params, nproc: int, env: Mapping[str, str] | None = None) -> None:
-    """Run ``python -m stages <stage>`` under ``torchrun --standalone`` with ``nproc`` processes on this
-    machine, on ``params`` (written to a temporary YAML); its output streams through. ``env`` is added
-    to the processes' environment."""
+    """Run ``python -m stages <stage>`` in ``nproc`` processes on this machine, on ``params`` (written to a
+    temporary YAML); their output streams through. ``env`` is added to the processes' environment."""
     with tempfile.TemporaryDirectory(prefix="lfdm-launch-") as tmp:
         path = Path(tmp) / "params.yaml"
         path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "stages", stage, "--params", str(path)]
-        code = subprocess.run(cmd, check=False, env=os.environ | dict(env or {})).returncode
-    if code:
-        raise RuntimeError(f"stage {stage}: torchrun with {nproc} processes exited with code {code}")
+        failed = run_workers([sys.executable, "-m", "stages", stage, "--params", str(path)], nproc, env)
+    if failed:
+        rank, code = failed
+        raise RuntimeError(f"stage {stage}: process {rank} of {nproc} exited with code {code}")
+
+
+def run_workers(
+    cmd: Sequence[str], nproc: int, env: Mapping[str, str] | None = None
+) -> tuple[int, int] | None:
+    """``cmd`` as ranks 0 … ``nproc`` − 1 of one machine, as ``torchrun --standalone`` runs it, except
+    that nothing listens beyond 127.0.0.1: torchrun's rendezvous stores bind every interface, so this
+    process serves the one store itself on the loopback address, and gloo's and NCCL's sockets take the
+    loopback interface. The first process to fail stops the others; returns its (rank, exit code), or
+    None when all succeed. Ctrl-C or SIGTERM here stops them all."""
+    with _loopback_store() as port:
+        workers = [
+            subprocess.Popen(cmd, env=os.environ | worker_env(rank, nproc, port) | dict(env or {}))
+            for rank in range(nproc)
+        ]
+        try:
+            while True:
+                codes = [worker.poll() for worker in workers]
+                if failed := next(((rank, code) for rank, code in enumerate(codes) if code), None):
+                    return failed
+                if all(code == 0 for code in codes):
+                    return None
+                time.sleep(0.1)
+        finally:
+            _stop(workers)
+
+
+def worker_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    """What torchrun gives each process of one machine, with the rendezvous at 127.0.0.1:``port``."""
+    interfaces = psutil.net_if_addrs().items()
+    loopback = next((name for name, addrs in interfaces if "127.0.0.1" in {a.address for a in addrs}), "lo")
+    return {
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",  # MASTER_ADDR:MASTER_PORT's store exists: every rank joins
+        "GLOO_SOCKET_IFNAME": loopback, "NCCL_SOCKET_IFNAME": loopback,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # torchrun's default: one thread each
+    }
+
+
+@contextlib.contextmanager
+def _loopback_store() -> Iterator[int]:
+    """A c10d TCPStore served by this process on 127.0.0.1 only (it takes over a socket bound there, as
+    it cannot be told an address to bind); yields its port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=sock.detach(),
+                          wait_for_workers=False)
+    try:
+        yield port
+    finally:
+        del store  # closes the socket
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    for worker in workers:
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
