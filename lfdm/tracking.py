@@ -58,7 +58,8 @@ class TrackingError(RuntimeError):
 
 _required = False  # tracking.required of the latest configure()
 _down = False  # the store failed in this process since the latest configure(): tracking is off
-_client: MlflowClient | None = None  # the store of the latest configure()
+_uri: str | None = None  # the store of the latest configure()
+_client: MlflowClient | None = None
 _experiment_id: str | None = None
 _local = threading.local()  # .run_id: the run this thread logs into (the Prefect flow runs stages in threads)
 
@@ -93,15 +94,16 @@ def configure(tracking_uri: str | None, experiment: str, required: bool = False)
     goes on untracked), or :class:`TrackingError` when ``required``. The URI goes to an explicit client,
     not to ``mlflow.set_tracking_uri``, which would export it as ``MLFLOW_TRACKING_URI``: that variable
     is the user's, and it would override the params of every later configure() in this process."""
-    global _required, _down, _client, _experiment_id
-    uri = resolve_uri(tracking_uri)
-    _required, _down, _client = required, False, MlflowClient(uri)
-    _experiment_id = _call(_open, uri, experiment)
+    global _required, _down, _uri, _experiment_id
+    _required, _down, _uri = required, False, resolve_uri(tracking_uri)
+    _experiment_id = _call(_open, _uri, experiment)
     return _experiment_id is not None
 
 
 def _open(uri: str, experiment: str) -> str:
+    global _client
     _probe(uri)
+    _client = MlflowClient(uri)  # opens (or creates) a SQLite store: a corrupt file fails here
     experiment_id = _experiment(experiment, uri)
     _end_orphans(experiment_id)
     return experiment_id
@@ -164,7 +166,7 @@ def _lost(err: BaseException) -> None:
     """The store failed: raise when tracking is required, else warn (once) and stop tracking."""
     global _down
     reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-    message = f"MLflow tracking at {_client.tracking_uri} failed: {reason}"
+    message = f"MLflow tracking at {_uri} failed: {reason}"
     if _required:
         raise TrackingError(f"{message} (tracking.required is true)") from err
     if not _down:
@@ -215,12 +217,14 @@ def _start(run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]) ->
 
 
 def start_parent(params: Mapping[str, Any], run_name: str = "pipeline") -> str:
-    """Create the parent run, log the whole params tree on it, and return its id (left RUNNING)."""
+    """Create the parent run, log the whole params tree on it, and return its id (left RUNNING). It is
+    named after the DVC experiment (``dvc exp run``), else ``run_name`` and the commit."""
     tags = {"lfdm.kind": "pipeline"}
     if commit := _git_commit():
         tags["mlflow.source.git.commit"] = commit
+        run_name = f"{run_name} {commit[:7]}"
     if exp := os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = exp
+        tags["dvc.exp_name"] = run_name = exp
     return _start(run_name, tags, flatten(params))
 
 
@@ -239,12 +243,12 @@ def _parent_for_this_dvc_run(params: Mapping[str, Any]) -> str:
     key = {"pid": dvc.pid, "started": dvc.create_time()} if dvc else None
     if key and MARKER.is_file():
         marker = json.loads(MARKER.read_text())
-        if marker.get("key") == key and marker.get("uri") == _client.tracking_uri:
+        if marker.get("key") == key and marker.get("uri") == _uri:
             return marker["run_id"]
     run_id = start_parent(params, run_name="dvc repro" if dvc else "stage")
     if key:
         MARKER.parent.mkdir(exist_ok=True)
-        MARKER.write_text(json.dumps({"key": key, "uri": _client.tracking_uri, "run_id": run_id}))
+        MARKER.write_text(json.dumps({"key": key, "uri": _uri, "run_id": run_id}))
     return run_id
 
 
@@ -284,6 +288,14 @@ def pipeline_run(params: Mapping[str, Any], run_name: str = "pipeline") -> Itera
             os.environ.pop(PARENT_ENV, None)
         else:
             os.environ[PARENT_ENV] = previous
+        _call(_drop_if_empty, run_id)
+
+
+def _drop_if_empty(run_id: str) -> None:
+    """Delete a parent whose pipeline ran no stage (everything was up to date)."""
+    children = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'"
+    if not _client.search_runs([_experiment_id], children, max_results=1):
+        _client.delete_run(run_id)
 
 
 @contextlib.contextmanager
@@ -313,11 +325,28 @@ def active_run_id() -> str | None:
     return None if _down else getattr(_local, "run_id", None)
 
 
+def _metrics(values: Mapping[str, float], step: int | None = None) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step or 0) for key, value in values.items()]
+
+
 def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
     if run_id := active_run_id():
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, step or 0) for key, value in values.items()]
-        _call(_client.log_batch, run_id, metrics=metrics)
+        _call(_client.log_batch, run_id, metrics=_metrics(values, step))
+
+
+def log_results(values: Mapping[str, float], headline: Mapping[str, float] | None = None) -> None:
+    """A stage's final results: whole numbers (steps, clip counts) as params of its run, as they are counts
+    to filter by, not measurements to plot; the rest as metrics. ``headline`` also goes on the pipeline's
+    parent run, so that pipeline runs compare at a glance."""
+    if not (run_id := active_run_id()):
+        return
+    counts = [Param(key, str(value)) for key, value in values.items() if isinstance(value, int)]
+    measured = {key: value for key, value in values.items() if not isinstance(value, int)}
+    _call(_client.log_batch, run_id, metrics=_metrics(measured), params=counts)
+    run = _call(_client.get_run, run_id) if headline else None
+    if run and (parent := run.data.tags.get(MLFLOW_PARENT_RUN_ID)):
+        _call(_client.log_batch, parent, metrics=_metrics(headline))
 
 
 def log_image(image: np.ndarray, artifact_file: str) -> None:

@@ -33,6 +33,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "evaluate_references": ("seed", "device", "evaluate"),
     "evaluate": ("device", "sample.fps", "evaluate"),
 }
+# evaluate's metrics that the pipeline's MLflow parent run carries (with the ratios of _headline)
+HEADLINE = ("fvd/lfdm", "fvd/oracle", "fvd/static", "accuracy/lfdm", "accuracy/real", "l1/lfdm")
 # stages that work clip by clip: ``run(params, shards, map_shards)`` splits them (lfdm.parallel)
 SHARDED = ("extract_flow", "sample", "evaluate_references", "evaluate")
 # the Prefect flow runs independent stages in threads of one process, and diffusers' and transformers' lazy
@@ -64,7 +66,7 @@ def execute(name: str, params: Params, map_shards: MapShards | None = None) -> d
         if run_id:
             from lfdm import tracking
 
-            tracking.log_metrics(metrics)
+            tracking.log_results(metrics, _headline(name, metrics))
     if distributed.is_main():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -80,8 +82,9 @@ def stage_function(name: str):
 @contextlib.contextmanager
 def _tracked(name: str, params: Params) -> Iterator[str | None]:
     """The stage's MLflow child run, yielding its id; rank 0 under ``launch`` joins the launcher's run.
-    Nothing (None) when tracking is off or down, and on ranks other than 0."""
-    if not params.tracking.enabled or not distributed.is_main():
+    Nothing (None) when tracking is off or down, for a disabled stage, and on ranks other than 0."""
+    disabled = not getattr(getattr(params, name, None), "enabled", True)  # finetune_decoder.enabled
+    if not params.tracking.enabled or disabled or not distributed.is_main():
         yield None
         return
     from lfdm import tracking
@@ -96,6 +99,19 @@ def _tracked(name: str, params: Params) -> Iterator[str | None]:
         tree = params.model_dump(mode="json")
         with tracking.stage_run(name, tree, {key: _lookup(tree, key) for key in STAGES[name]}) as run_id:
             yield run_id
+
+
+def _headline(name: str, metrics: dict[str, float]) -> dict[str, float]:
+    """:data:`HEADLINE` of evaluate's metrics, and LFDM's and the oracle's FVD and L1 over the static
+    baseline's (below 1: better than a frozen first frame); nothing for other stages."""
+    if name != "evaluate":
+        return {}
+    out = {key: metrics[key] for key in HEADLINE if key in metrics}
+    for score in ("fvd", "l1"):
+        for method in ("lfdm", "oracle"):
+            if metrics.get(f"{score}/static") and f"{score}/{method}" in metrics:
+                out[f"{score}_vs_static/{method}"] = metrics[f"{score}/{method}"] / metrics[f"{score}/static"]
+    return out
 
 
 def _lookup(tree: dict, dotted: str):

@@ -120,7 +120,7 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path):
     assert len(found) == 2 and found[0].info.status == "FINISHED"
     history = client.get_metric_history(found[0].info.run_id, "loss/total")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(runs[2]["train_lfae"][0])
-    assert found[0].data.metrics["steps"] == 4
+    assert found[0].data.params["steps"] == "4"  # a count: a param, not a metric
 
 
 def test_two_processes_keep_a_frozen_motion_fixed(tmp_path):

@@ -86,7 +86,8 @@ def test_dvc_exp_run_temp_keeps_its_mlflow_runs(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")  # at the repository's root, not in the temp copy
     experiment = client.get_experiment_by_name("lfdm")
-    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
-    assert runs["preprocess"].info.status == "FINISHED" and runs["preprocess"].data.metrics["videos"] > 0
-    assert runs["dvc repro"].data.tags["dvc.exp_name"]  # the parent names the experiment
+    found = client.search_runs([experiment.experiment_id])
+    runs = {run.data.tags.get("lfdm.stage", "parent"): run for run in found}
+    assert runs["preprocess"].info.status == "FINISHED" and int(runs["preprocess"].data.params["videos"]) > 0
+    assert runs["parent"].info.run_name == runs["parent"].data.tags["dvc.exp_name"]  # the experiment's name
     assert experiment.artifact_location == (project / "mlruns/lfdm").as_uri()
