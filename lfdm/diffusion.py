@@ -18,7 +18,9 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,6 +38,8 @@ DPM_SOLVER_LAMBDA_MIN = -5.1
 DISPLACEMENT_QUANTILE = 0.995
 QUANTILE_MAX_VALUES = 1 << 24  # torch.quantile's input limit; a strided subset beyond it
 
+Scheduler = DDIMScheduler | DDPMScheduler | DPMSolverMultistepScheduler
+
 
 class Denoiser(Protocol):
     """ε_θ: ``x (B, 3, K, H, W)``, ``t (B,)`` long, ``cond (B, Cz, H, W)``, ``text_emb (B, D)`` and
@@ -51,7 +55,7 @@ class Denoiser(Protocol):
     ) -> torch.Tensor: ...
 
 
-def make_scheduler(sampler: SamplerConfig, cfg: DiffusionConfig) -> SchedulerMixin:
+def make_scheduler(sampler: SamplerConfig, cfg: DiffusionConfig) -> Scheduler:
     """A fresh sampling scheduler (they keep per-run state) on the training schedule of ``cfg``.
 
     ``"ddpm"`` is ancestral sampling over all ``cfg.timesteps`` steps (the official default); it ignores
@@ -100,6 +104,9 @@ def make_scheduler(sampler: SamplerConfig, cfg: DiffusionConfig) -> SchedulerMix
 
 class FlowDiffusion(nn.Module):
     """Wraps a :class:`Denoiser` module ε_θ with the training loss and the samplers; adds no weights."""
+
+    alphas_cumprod: torch.Tensor
+    displacement_scale: torch.Tensor
 
     def __init__(self, denoiser: nn.Module, cfg: DiffusionConfig) -> None:
         super().__init__()
@@ -222,7 +229,7 @@ class FlowDiffusion(nn.Module):
         n = len(null_rows)
         drop = torch.tensor(null_rows, device=cond.device).repeat_interleave(b)
         cond_in, text_in = cond.repeat(n, *(1,) * (cond.ndim - 1)), text_emb.repeat(n, 1)
-        step_kwargs: dict[str, Any] = {"generator": generator}
+        step_kwargs: dict[str, Any] = {"generator": generator, "return_dict": False}  # → (new sample, ...)
         if isinstance(scheduler, DDIMScheduler):
             step_kwargs["eta"] = sampler.eta
 
@@ -231,12 +238,13 @@ class FlowDiffusion(nn.Module):
         # which would sync with the device every step if they lived there. The denoiser gets a device copy.
         timesteps = scheduler.timesteps
         steps = tqdm(timesteps, desc="sampling", disable=not progress)
-        for t, t_dev in zip(steps, timesteps.to(cond.device)):
+        for t, t_dev in zip(steps, timesteps.to(cond.device), strict=True):
             out = self.denoiser(x.repeat(n, 1, 1, 1, 1), t_dev.expand(n * b), cond_in, text_in, drop)
             if n == 2:  # guidance is linear in x_t, so it combines ε and v predictions alike
                 out_cond, out_null = out.chunk(2)
                 out = out_null + g * (out_cond - out_null)
-            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+            # diffusers annotates `timestep: int`, though its own pipelines pass these tensors as we do
+            x = scheduler.step(out, t, x, **step_kwargs)[0]  # pyright: ignore[reportArgumentType]
         return self.from_target(x)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ def imagenet_weights_path(backbone: str, weights: str | Path | None = None) -> P
         path, hint = Path(weights), "check train_lfae.perceptual.weights"
     elif backbone == "mobilenet_v2":
         try:
-            path = Path(importlib.metadata.distribution(_MOBILENET_DIST).locate_file(_MOBILENET_FILE))
+            path = Path(str(importlib.metadata.distribution(_MOBILENET_DIST).locate_file(_MOBILENET_FILE)))
         except importlib.metadata.PackageNotFoundError:
             raise FileNotFoundError(
                 f"MobileNetV2 ImageNet weights come from the pip package {_MOBILENET_DIST}, which is not installed: "
@@ -91,11 +92,14 @@ class ImageNetFeatures(nn.Module):
     deepest tap are dropped.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, *, backbone: str = "mobilenet_v2", weights: str | Path | None = None):
         super().__init__()
         model = load_imagenet_model(backbone, weights)
         taps = _TAPS[backbone]
-        self.layers = model.features[: taps[-1] + 1]
+        self.layers = cast(nn.Sequential, model.features)[: taps[-1] + 1]  # both backbones' trunk
         self.taps = frozenset(taps)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -177,9 +181,9 @@ class RandomTransform:
         tps = normal(batch_size, p, p, std=cfg.sigma_tps) if cfg.sigma_tps > 0 else None
         return cls(theta=theta, tps_weights=tps)
 
-    def _control_offsets(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``coords (B, N, 2)`` → offsets to the control points ``(B, N, P², 2)`` and their L1 norms ``(B, N, P²)``."""
-        p = self.tps_weights.shape[-1]
+    @staticmethod
+    def _control_offsets(coords: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``coords (B, N, 2)`` → offsets to the P×P control points ``(B, N, P², 2)`` and their L1 norms ``(B, N, P²)``."""
         points = identity_grid(p, p, device=coords.device, dtype=coords.dtype).reshape(-1, 2)
         diff = coords[:, :, None] - points
         return diff, diff.abs().sum(-1)
@@ -188,7 +192,7 @@ class RandomTransform:
         """``(B or 1, N, 2)`` → ``(B, N, 2)``."""
         out = coords @ self.theta[:, :, :2].transpose(1, 2) + self.theta[:, None, :, 2]
         if self.tps_weights is not None:
-            _, r = self._control_offsets(coords)
+            _, r = self._control_offsets(coords, self.tps_weights.shape[-1])
             kernel = r**2 * torch.log(r + self._eps)
             out = out + (kernel * self.tps_weights.flatten(1)[:, None]).sum(-1, keepdim=True)
         return out
@@ -197,7 +201,7 @@ class RandomTransform:
         """``dT/dc`` at ``coords (B, K, 2)`` → ``(B, K, 2, 2)``, ``[i, j] = ∂T_i/∂c_j`` (closed form of FOMM's autograd)."""
         jac = self.theta[:, None, :, :2].expand(-1, coords.shape[1], -1, -1)
         if self.tps_weights is not None:
-            diff, r = self._control_offsets(coords)
+            diff, r = self._control_offsets(coords, self.tps_weights.shape[-1])
             dkernel = 2 * r * torch.log(r + self._eps) + r**2 / (r + self._eps)  # d(r² log r)/dr
             grad = (self.tps_weights.flatten(1)[:, None, :, None] * dkernel[..., None] * diff.sign()).sum(2)
             jac = jac + grad[:, :, None, :]  # the same row for x and y: the spline moves both alike
@@ -251,6 +255,13 @@ def equivariance_loss(
 # -------------------------------------------------------------------------------------------- total
 
 
+def _with_total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``losses`` and their sum under ``"total"``."""
+    total = sum(losses.values())
+    assert isinstance(total, torch.Tensor), "no loss terms"  # sum() of none would be the int 0
+    return {**losses, "total": total}
+
+
 def lfae_loss(
     prediction: torch.Tensor,
     driving: torch.Tensor,
@@ -266,7 +277,7 @@ def lfae_loss(
         "perceptual": perceptual(prediction, driving),
         **equivariance_loss(region_predictor, driving, driving_regions, equivariance, generator),
     }
-    return {**losses, "total": sum(losses.values())}
+    return _with_total(losses)
 
 
 # ------------------------------------------------------------------------------------- distillation
@@ -321,4 +332,4 @@ def distillation_loss(
             motion.occlusion.float().clamp(1e-6, 1 - 1e-6), visible
         )
     losses |= equivariance_loss(flow_predictor.region_predictor, driving, motion.driving_regions, cfg.equivariance)
-    return {**losses, "total": sum(losses.values())}
+    return _with_total(losses)

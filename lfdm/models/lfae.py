@@ -11,6 +11,7 @@ it is coordinate arithmetic where bf16's 8 mantissa bits would cost a sizeable f
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -98,6 +99,8 @@ class AntiAliasDownsample(nn.Module):
     ``(B, channels, H, W) → (B, channels, ⌈H·scale⌉, ⌈W·scale⌉)``; ``scale`` must be 1/n for an integer n.
     """
 
+    kernel: Tensor
+
     def __init__(self, channels: int, scale: float):
         super().__init__()
         self.stride = round(1 / scale)
@@ -129,7 +132,7 @@ class HourglassEncoder(nn.Module):
         self.widths = [in_channels] + [
             min(max_features, block_expansion * 2 ** (i + 1)) for i in range(num_blocks)
         ]
-        self.blocks = nn.ModuleList(DownBlock2d(a, b) for a, b in zip(self.widths, self.widths[1:]))
+        self.blocks = nn.ModuleList(DownBlock2d(a, b) for a, b in itertools.pairwise(self.widths))
         self.out_channels = self.widths[-1]
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -352,6 +355,8 @@ class CorrelationFlow(nn.Module):
     driving features. Matching is what makes motion learnable in minutes: F need not regress it from pooled
     features (docs/model.md)."""
 
+    shifts: Tensor
+
     def __init__(self, *, channels: int, radius: int):
         super().__init__()
         self.radius = radius
@@ -372,8 +377,8 @@ class CorrelationFlow(nn.Module):
             nn.ReLU(),
             nn.Conv2d(64, 2, 3, padding=1),
         )
-        nn.init.zeros_(self.refine[-1].weight)  # starts as the plain soft arg-max
-        nn.init.zeros_(self.refine[-1].bias)
+        for param in self.refine[-1].parameters():  # weight and bias: starts as the plain soft arg-max
+            nn.init.zeros_(param)
 
     def forward(self, source: Tensor, driving: Tensor) -> Tensor:
         b = len(source)

@@ -29,6 +29,8 @@ from lfdm.config import UNetConfig
 class SinusoidalPosEmb(nn.Module):
     """Timesteps ``(B,)`` → ``(B, 2·(dim // 2))`` sin/cos features (Vaswani et al.)."""
 
+    freqs: Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         half = dim // 2
@@ -218,7 +220,7 @@ class Unet3D(nn.Module):
         level = partial(Level, cond_dim=cond_dim, groups=cfg.resnet_groups, temporal=temporal, **attn)
         spatial = [(latent_size >> i) <= cfg.spatial_attn_max_size for i in range(len(dims))]
         self.downs = nn.ModuleList(
-            level(d_in, d, spatial=s) for d_in, d, s in zip([dim, *dims[:-1]], dims, spatial)
+            level(d_in, d, spatial=s) for d_in, d, s in zip([dim, *dims[:-1]], dims, spatial, strict=True)
         )
         self.downsamples = nn.ModuleList(
             [*(nn.Conv2d(d, d, 4, stride=2, padding=1) for d in dims[:-1]), nn.Identity()]
@@ -231,7 +233,7 @@ class Unet3D(nn.Module):
         self.mid_block2 = ResnetBlock(mid, mid, cond_dim=cond_dim, groups=cfg.resnet_groups)
 
         # deepest level first; each up level sees its own output concatenated with the matching skip
-        self.ups = nn.ModuleList(level(2 * d, d, spatial=s) for d, s in zip(dims[::-1], spatial[::-1]))
+        self.ups = nn.ModuleList(level(2 * d, d, spatial=s) for d, s in zip(dims[::-1], spatial[::-1], strict=True))
         self.upsamples = nn.ModuleList(
             [
                 nn.ConvTranspose2d(dims[i], dims[i - 1], 4, stride=2, padding=1)
@@ -243,8 +245,8 @@ class Unet3D(nn.Module):
         self.final_block = ResnetBlock(dims[0] + dim, dim, cond_dim=cond_dim, groups=cfg.resnet_groups)
         self.final_conv = nn.Conv2d(dim, channels, 1)
         # zero output at initialisation: the first ε-predictions are 0, so training starts at loss ≈ 1
-        nn.init.zeros_(self.final_conv.weight)
-        nn.init.zeros_(self.final_conv.bias)
+        for param in self.final_conv.parameters():  # weight and bias
+            nn.init.zeros_(param)
 
     def stem(self, x: Tensor, cond: Tensor) -> Tensor:
         """``init_conv`` over every frame concatenated with z0: ``x (B, C, K, H, W)``, ``cond (B, C', H, W)``
@@ -287,7 +289,7 @@ class Unet3D(nn.Module):
         r = x
 
         skips = []
-        for level, downsample in zip(self.downs, self.downsamples):
+        for level, downsample in zip(self.downs, self.downsamples, strict=True):
             x = level(x, emb, bias)
             skips.append(x)
             x = downsample(x)
@@ -297,7 +299,7 @@ class Unet3D(nn.Module):
             x = self.mid_temporal(x, bias)
         x = self.mid_block2(x, emb)
 
-        for level, upsample in zip(self.ups, self.upsamples):
+        for level, upsample in zip(self.ups, self.upsamples, strict=True):
             x = upsample(level(torch.cat((x, skips.pop()), dim=1), emb, bias))
 
         x = self.final_conv(self.final_block(torch.cat((x, r), dim=1), emb))

@@ -86,10 +86,10 @@ def test_forward_shapes(decoder: str, estimator: str):
     ]
     out = model(source, driving)
     assert out["prediction"].shape == source.shape
-    assert 0 <= out["prediction"].min() and out["prediction"].max() <= 1
+    assert out["prediction"].min() >= 0 and out["prediction"].max() <= 1
     assert out["flow"].shape == (B, SIZE // 4, SIZE // 4, 2)
     assert out["occlusion"].shape == (B, 1, SIZE // 4, SIZE // 4)
-    assert 0 <= out["occlusion"].min() and out["occlusion"].max() <= 1
+    assert out["occlusion"].min() >= 0 and out["occlusion"].max() <= 1
     for regions in (out["source_regions"], out["driving_regions"]) if estimator == "mraa" else (out["driving_regions"],):
         assert regions["heatmap"].shape == (B, K, SIZE // 4, SIZE // 4)
         torch.testing.assert_close(regions["heatmap"].sum(dim=(2, 3)), torch.ones(B, K))
@@ -293,7 +293,7 @@ def test_one_source_decodes_a_batch_of_flows(decoder: str):
         features = model.encode(source)
         batched = model.decode(features, source, flows, occlusions)
         single = torch.cat(
-            [model.decode(features, source, f[None], o[None]) for f, o in zip(flows, occlusions)]
+            [model.decode(features, source, f[None], o[None]) for f, o in zip(flows, occlusions, strict=True)]
         )
     assert batched.shape == (n, 3, SIZE, SIZE)
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
