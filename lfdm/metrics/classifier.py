@@ -126,7 +126,8 @@ def predict(
     """The predicted class name of every video."""
     x, device = as_videos(videos), next(model.parameters()).device
     predicted = [model(_to_float(batch, device)).argmax(1).cpu() for batch in x.split(batch_size)]
-    return [classes[i] for i in torch.cat(predicted).tolist()]
+    indices: list[int] = torch.cat(predicted).tolist()
+    return [classes[i] for i in indices]
 
 
 class UnscoredLabelWarning(UserWarning):

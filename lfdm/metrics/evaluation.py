@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -94,7 +95,11 @@ class References:
                    classifier.to(device).eval(), saved["classes"], saved["classifier_size"], saved["metrics"])
 
 
-def concatenated(parts: Sequence[torch.Tensor] | Sequence[np.ndarray]) -> torch.Tensor | np.ndarray:
+@overload
+def concatenated(parts: Sequence[torch.Tensor]) -> torch.Tensor: ...
+@overload
+def concatenated(parts: Sequence[np.ndarray]) -> np.ndarray: ...
+def concatenated(parts: Sequence[Any]) -> torch.Tensor | np.ndarray:
     """Shards' results, in shard order, as one tensor or array."""
     return torch.cat(list(parts)) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
 

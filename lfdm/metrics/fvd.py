@@ -33,6 +33,7 @@ Videos = torch.Tensor | np.ndarray
 # a whole set of videos, or an iterable of batches of them (a DataLoader, a generator over files)
 VideoSet = Videos | Iterable[Videos]
 FeatureExtractor = Callable[[VideoSet], np.ndarray]
+Groups = Sequence[Hashable] | np.ndarray  # one group id per video
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,24 +130,24 @@ def fvd(real_videos: VideoSet, fake_videos: VideoSet, extractor: FeatureExtracto
 def group_fvds(
     real_features: np.ndarray,
     fake_features: np.ndarray,
-    real_groups: Sequence[Hashable],
-    fake_groups: Sequence[Hashable],
+    real_groups: Groups,
+    fake_groups: Groups,
 ) -> dict[Hashable, float]:
     """FVD within each group (class label for cFVD, subject image for sFVD): ``{group: fvd}``.
 
     ``*_groups[i]`` is the group of ``*_features[i]``; both sides must hold the same groups, ≥ 2 videos each.
     """
-    real_groups, fake_groups = np.asarray(real_groups), np.asarray(fake_groups)
-    if len(real_groups) != len(real_features) or len(fake_groups) != len(fake_features):
+    real_ids, fake_ids = np.asarray(real_groups), np.asarray(fake_groups)
+    if len(real_ids) != len(real_features) or len(fake_ids) != len(fake_features):
         raise ValueError("need one group per video on each side")
-    real_set, fake_set = set(real_groups.tolist()), set(fake_groups.tolist())
+    real_set, fake_set = set(real_ids.tolist()), set(fake_ids.tolist())
     if real_set != fake_set:
         raise ValueError(
             f"groups only among real videos: {sorted(map(str, real_set - fake_set))}, "
             f"only among fake videos: {sorted(map(str, fake_set - real_set))}"
         )
     return {
-        group: feature_frechet_distance(real_features[real_groups == group], fake_features[fake_groups == group])
+        group: feature_frechet_distance(real_features[real_ids == group], fake_features[fake_ids == group])
         for group in sorted(real_set, key=str)
     }
 
@@ -154,8 +155,8 @@ def group_fvds(
 def grouped_fvd(
     real_features: np.ndarray,
     fake_features: np.ndarray,
-    real_groups: Sequence[Hashable],
-    fake_groups: Sequence[Hashable],
+    real_groups: Groups,
+    fake_groups: Groups,
 ) -> tuple[float, float]:
     """cFVD / sFVD: mean and (population) standard deviation of :func:`group_fvds` over the groups."""
     values = np.array(list(group_fvds(real_features, fake_features, real_groups, fake_groups).values()))

