@@ -54,10 +54,12 @@ def pixel_flow(source: np.ndarray, driving: np.ndarray, method: TeacherName, sca
     grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in (driving, source)]
     if scale > 1:
         grey = [cv2.resize(g, (w * scale, h * scale), interpolation=cv2.INTER_CUBIC) for g in grey]
+    # OpenCV allocates an output array passed as None (the flow); its stubs demand an array
     if method == "farneback":
-        flow = cv2.calcOpticalFlowFarneback(grey[0], grey[1], None, 0.5, 4, 9, 5, 5, 1.1, 0)
+        flow = cv2.calcOpticalFlowFarneback(grey[0], grey[1], None, 0.5, 4, 9, 5, 5, 1.1, 0)  # pyright: ignore[reportCallIssue, reportArgumentType]
     else:
-        flow = cv2.DISOpticalFlow_create(_DIS_PRESETS[method]).calc(grey[0], grey[1], None)
+        dis = cv2.DISOpticalFlow.create(_DIS_PRESETS[method])
+        flow = dis.calc(grey[0], grey[1], None)  # pyright: ignore[reportCallIssue, reportArgumentType]
     if scale > 1:
         flow = cv2.resize(flow, (w, h), interpolation=cv2.INTER_AREA) / scale
     return flow.astype(np.float32)

@@ -49,7 +49,8 @@ class BertEmbedder:
             self.model = BertModel.from_pretrained(self.path, config=config, local_files_only=True)
         except (OSError, ValueError) as err:
             raise ValueError(f"text.checkpoint: {self.path} is not a usable BERT checkpoint: {err}") from err
-        self.model.eval().requires_grad_(False).to(self.device)
+        # transformers' `@wraps(nn.Module.to)` gives `to` the unbound signature (self first)
+        self.model.eval().requires_grad_(False).to(self.device)  # pyright: ignore[reportArgumentType]
 
     @property
     def dim(self) -> int:

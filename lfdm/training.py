@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -31,6 +31,13 @@ class LoopSettings(Protocol):
     steps: int
     log_every: int
     checkpoint_every: int
+
+
+@runtime_checkable
+class _EpochAware(Protocol):
+    """A sampler or dataset told each new epoch (to reshuffle or redraw)."""
+
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -120,7 +127,7 @@ class BatchStream:
     def __next__(self) -> Any:
         while True:
             if self._batches is None:
-                self._begin_epoch()
+                self._batches = self._begin_epoch()
             try:
                 batch = next(self._batches)
             except StopIteration:
@@ -129,20 +136,23 @@ class BatchStream:
             self.taken += 1
             return batch
 
-    def _begin_epoch(self) -> None:
+    def _begin_epoch(self) -> Iterator:
+        """The batches of epoch ``self.epoch``, from batch ``self.taken`` on."""
         for part in (self.loader.sampler, self.loader.dataset):
-            if hasattr(part, "set_epoch"):
+            if isinstance(part, _EpochAware):
                 part.set_epoch(self.epoch)
         generator = self.loader.generator
         if self._resumed_generator is not None:
+            if generator is None:
+                raise TypeError("the stream's position holds a loader generator's state; this loader has none")
             generator.set_state(self._resumed_generator)
             self._resumed_generator = None
         self._generator_state = generator.get_state() if generator is not None else None
         if self.taken:
-            if not isinstance(self.loader.sampler, _ResumableSampler):
+            if not isinstance(self.loader.sampler, _ResumableSampler) or self.loader.batch_size is None:
                 raise TypeError("only a sharded_loader's stream can resume mid-epoch")
             self.loader.sampler.skip = self.taken * self.loader.batch_size
-        self._batches = iter(self.loader)
+        return iter(self.loader)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "taken": self.taken, "generator": self._generator_state}
@@ -294,7 +304,7 @@ def fit(
             bar.update()
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 logged = {f"loss/{k}": v for k, v in distributed.mean(losses).items()}
-                state.log(logged | {"lr": state.schedule.get_last_lr()[0]})
+                state.log(logged | {"lr": float(state.schedule.get_last_lr()[0])})
                 bar.set_postfix(loss=f"{logged[f'loss/{objective}']:.4f}")
             if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
                 state.save()

@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from av.error import FFmpegError
 from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -109,7 +110,7 @@ def iter_indexed_frames(
                         yield i, frame.to_ndarray(format="rgb24")
                 if i == last:
                     return
-    except av.FFmpegError as err:
+    except FFmpegError as err:
         raise ValueError(f"{path}: cannot decode video: {err}") from err
     if not count:
         raise ValueError(f"{path}: no decodable frames")
@@ -127,7 +128,7 @@ def count_frames(path: str | Path) -> int:
             if not container.streams.video:
                 raise ValueError(f"{path}: no video stream")
             return sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
-    except av.FFmpegError as err:
+    except FFmpegError as err:
         raise ValueError(f"{path}: cannot read video: {err}") from err
 
 

@@ -102,7 +102,9 @@ def grade(
     if local:
         metrics["mask_share/local"] = float(shares[-1])
     if p.data.dataset == "embedded":
-        cameras = {c.video_id: c.camera for c in generate_clips(p.data, p.seed) if c.split == "test"}
+        cameras = {  # every embedded clip has its camera
+            c.video_id: c.camera for c in generate_clips(p.data, p.seed) if c.split == "test" and c.camera is not None
+        }
         exact = torch.from_numpy(np.stack([
             true_flow(cameras[r.video_id], r.frame_indices[0], i, h, p.data.image_size)
             for r in tests for i in r.frame_indices[1:]

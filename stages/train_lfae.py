@@ -58,6 +58,7 @@ def run(p: Params) -> dict[str, float]:
     if distributed.is_main():
         save_lfae(p.paths.lfae, model, p.lfae, image_size=p.data.image_size, step=state.step,
                   data=trained_on(p.data, p.seed, train))
+        assert state.batches is not None  # fit() made the stream
         _log_reconstructions(model, next(state.batches), device)
     state.write_plot(Path(p.paths.plots) / "train_lfae.tsv")
     state.finish()

@@ -143,7 +143,7 @@ def test_training_state_resumes_the_ema_of_the_weights(tmp_path):
         state.step += 1
     state.save()
     shadow = [p.clone() for p in ema.shadow_params]
-    assert any(not torch.equal(s, p) for s, p in zip(shadow, model.parameters()))  # the EMA lags the weights
+    assert any(not torch.equal(s, p) for s, p in zip(shadow, model.parameters(), strict=True))  # the EMA lags the weights
 
     resumed, _, resumed_ema = fresh()
     assert resumed.resume() and resumed.step == 3
