@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import psutil
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from tqdm import tqdm
@@ -347,6 +347,25 @@ def log_results(values: Mapping[str, float], headline: Mapping[str, float] | Non
     run = _call(_client.get_run, run_id) if headline else None
     if run and (parent := run.data.tags.get(MLFLOW_PARENT_RUN_ID)):
         _call(_client.log_batch, parent, metrics=_metrics(headline))
+
+
+def tag_outputs(stage: str) -> None:
+    """Tag the stage's run with the md5 DVC records for each of the stage's outputs (``dvc.md5.<path>``),
+    so that a run names the very artifacts it made. DVC's own hashing, from dvc.yaml in the working
+    directory: it keeps what it computed, so DVC's commit after the stage does not hash them again."""
+    if not (run_id := active_run_id()) or not Path("dvc.yaml").is_file():
+        return
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(".") as repo:
+            outs = repo.stage.collect(stage)[0].outs
+            tags = {f"dvc.md5.{out.def_path}": out.get_hash().value for out in outs}
+    except (DvcException, OSError) as err:
+        tqdm.write(f"warning: {stage}: no DVC hashes for its MLflow run: {err}", file=sys.stderr)
+        return
+    _call(_client.log_batch, run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
 def log_image(image: np.ndarray, artifact_file: str) -> None:

@@ -63,13 +63,14 @@ def execute(name: str, params: Params, map_shards: MapShards | None = None) -> d
         run = functools.partial(run, shards=params.parallel.shards, map_shards=map_shards)
     with _tracked(name, params) as run_id:
         metrics = run(params)
+        if distributed.is_main():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         if run_id:
             from lfdm import tracking
 
             tracking.log_results(metrics, _headline(name, metrics))
-    if distributed.is_main():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            tracking.tag_outputs(name)  # every output written, the metrics file included
     return metrics
 
 

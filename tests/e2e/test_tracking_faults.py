@@ -1,5 +1,6 @@
 """Tracking never costs work: a training stage whose real ``mlflow server`` dies mid-run completes with one
-warning; ``tracking.required`` fails fast instead; ``dvc exp run --temp`` keeps its runs."""
+warning; ``tracking.required`` fails fast instead; ``dvc exp run --temp`` keeps its runs, tagged with the md5
+of the outputs DVC recorded."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import psutil
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from lfdm import tracking
@@ -91,3 +93,11 @@ def test_dvc_exp_run_temp_keeps_its_mlflow_runs(tmp_path):
     assert runs["preprocess"].info.status == "FINISHED" and int(runs["preprocess"].data.params["videos"]) > 0
     assert runs["parent"].info.run_name == runs["parent"].data.tags["dvc.exp_name"]  # the experiment's name
     assert experiment.artifact_location == (project / "mlruns/lfdm").as_uri()
+
+    # the run names the outputs DVC recorded for the experiment, by their md5
+    ref = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project, check=True,
+                         capture_output=True, text=True).stdout.split()[0]
+    lock = yaml.safe_load(subprocess.run(["git", "show", f"{ref}:dvc.lock"], cwd=project, check=True,
+                                         capture_output=True, text=True).stdout)
+    recorded = {f"dvc.md5.{out['path']}": out["md5"] for out in lock["stages"]["preprocess"]["outs"]}
+    assert len(recorded) == 4 and {k: runs["preprocess"].data.tags.get(k) for k in recorded} == recorded
