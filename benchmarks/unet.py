@@ -4,7 +4,8 @@ guidance as two passes), at the paper's shape and at the default shape.
 
     python benchmarks/unet.py                                  # both designs, both shapes
     python benchmarks/unet.py --shapes default --steps 3 --designs ours
-    python benchmarks/unet.py --device cuda --bf16             # on a GPU
+    python benchmarks/unet.py --precisions fp32 bf16           # fp32 beside bf16 autocast (CUDA, or AMX / AVX512-BF16)
+    python benchmarks/unet.py --device cuda --precisions fp32 bf16   # on a GPU
     python benchmarks/unet.py --shapes paper --batches 10 --no-train   # batch 10 without ~27 GB of activations
 
 Each row runs in its own process, so its peak memory is its own (CUDA: max allocated; CPU: the process's
@@ -32,7 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lfdm.config import Params, UNetConfig
-from lfdm.device import resolve_device
+from lfdm.device import check_precision, resolve_device
 from lfdm.models.unet3d import Unet3D
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -132,36 +133,42 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, help="batch sizes (default: each shape's own)")
     parser.add_argument("--steps", type=int, default=3, help="timed calls per figure (after one warm-up)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="fp32 and/or bf16 autocast (CUDA, or a CPU with AMX or AVX512-BF16); a row each")
     parser.add_argument("--no-train", action="store_true",
                         help="skip the training step (paper shape, batch 10: ≈ 27 GB of activations in fp32)")
     parser.add_argument("--row", nargs=3, metavar=("DESIGN", "SHAPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for precision in args.precisions:
+        check_precision(device, precision, key="--precisions")
     if args.row:  # one row, in its own process
         design, shape, batch = args.row
+        dtype = dtypes[args.precisions[0]]
         print(json.dumps(bench(design, shape, int(batch), args.steps, device, dtype, train=not args.no_train)))
         return
 
-    print(f"machine: {machine(device)}; dtype {str(dtype).removeprefix('torch.')}; "
-          f"dense matmul (2048³) {matmul_gflops(device, dtype):.0f} GFLOP/s")
-    print("| shape | batch | design | params (M) | fwd s | GFLOP/fwd | GFLOP/s | train step s | guided step s "
-          "| DDPM-1000 s/video | DDIM-10 s/video | peak mem (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rates = ", ".join(f"{p} {matmul_gflops(device, dtypes[p]):.0f}" for p in args.precisions)
+    print(f"machine: {machine(device)}; dense matmul (2048³) GFLOP/s: {rates}")
+    print("| shape | batch | design | precision | params (M) | fwd s | GFLOP/fwd | GFLOP/s | train step s "
+          "| guided step s | DDPM-1000 s/video | DDIM-10 s/video | peak mem (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         spec = shapes(Params())[shape]
         for batch in args.batches or spec["batches"]:
             for design in args.designs:
-                cmd = [sys.executable, __file__, "--row", design, shape, str(batch), "--steps", str(args.steps),
-                       "--device", args.device, *(["--bf16"] if args.bf16 else []),
-                       *(["--no-train"] if args.no_train else [])]
-                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-                train = "not run" if math.isnan(r["train_s"]) else f"{r['train_s']:.3f}"
-                print(f"| {shape} ({spec['frames']}×{spec['size']}²×3, z0 {spec['cond']}) | {batch} | {design} "
-                      f"| {r['params_m']:.1f} | {r['forward_s']:.3f} | {r['gflop']:.0f} | {r['gflops']:.0f} "
-                      f"| {train} | {r['guided_s']:.3f} | {r['ddpm1000_s']:.1f} | {r['ddim10_s']:.2f} "
-                      f"| {r['peak_gb']:.2f} |", flush=True)
+                for precision in args.precisions:
+                    cmd = [sys.executable, __file__, "--row", design, shape, str(batch), "--steps",
+                           str(args.steps), "--device", args.device, "--precisions", precision,
+                           *(["--no-train"] if args.no_train else [])]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    r = json.loads(out.splitlines()[-1])
+                    train = "not run" if math.isnan(r["train_s"]) else f"{r['train_s']:.3f}"
+                    print(f"| {shape} ({spec['frames']}×{spec['size']}²×3, z0 {spec['cond']}) | {batch} | {design} "
+                          f"| {precision} | {r['params_m']:.1f} | {r['forward_s']:.3f} | {r['gflop']:.0f} "
+                          f"| {r['gflops']:.0f} | {train} | {r['guided_s']:.3f} | {r['ddpm1000_s']:.1f} "
+                          f"| {r['ddim10_s']:.2f} | {r['peak_gb']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
