@@ -44,10 +44,10 @@ def _one_over_n(scale: float) -> float:
 class EmbeddedDataConfig(Section):
     """The built-in dataset: real photos animated by labelled camera motions (see lfdm.data.embedded)."""
 
-    clips_per_image: int = Field(8, ge=1)
-    test_images: int = Field(8, ge=1)
-    max_train_images: int | None = Field(None, ge=1)
-    source_frames: int = Field(16, ge=2)  # frames rendered per clip before K are sampled
+    clips_per_image: int = Field(default=8, ge=1)
+    test_images: int = Field(default=8, ge=1)
+    max_train_images: int | None = Field(default=None, ge=1)
+    source_frames: int = Field(default=16, ge=2)  # frames rendered per clip before K are sampled
 
 
 class DataConfig(Section):
@@ -55,15 +55,15 @@ class DataConfig(Section):
 
     dataset: Literal["embedded", "mug", "mhad", "natops", "faceforensics", "folder"] = "embedded"
     root: str | None = None
-    image_size: int = Field(64, ge=16)
-    num_frames: int = Field(10, ge=2)  # K, including the first frame x0
+    image_size: int = Field(default=64, ge=16)
+    num_frames: int = Field(default=10, ge=2)  # K, including the first frame x0
     frame_sampling: Literal["uniform", "random_sorted", "very_random"] = "random_sorted"
     # real datasets only: frames stored per clip, evenly spaced over it (paper: all, 32–96 per clip)
-    max_frames: int = Field(64, ge=2)
+    max_frames: int = Field(default=64, ge=2)
     # auto: the dataset's own (mhad/natops body, faceforensics face, others none); none: whole frame
     crop: Literal["auto", "none", "center", "face", "body"] = "auto"
-    face_scale: float = Field(1.8, ge=1.0)  # crop side / detected face side
-    test_fraction: float = Field(0.2, gt=0, lt=1)  # folder without a split column: subjects held out
+    face_scale: float = Field(default=1.8, ge=1.0)  # crop side / detected face side
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # folder without a split column: subjects held out
     embedded: EmbeddedDataConfig = EmbeddedDataConfig()
 
     @field_validator("image_size")
@@ -98,37 +98,38 @@ class DataConfig(Section):
 class LFAEConfig(Section):
     """Latent flow auto-encoder: encoder Φ, flow predictor F (MRAA), decoder Ω. Paper values in comments."""
 
-    base_channels: int = Field(32, ge=4)  # paper 64; latent has 4× this (paper 256)
-    decoder_res_blocks: int = Field(2, ge=0)  # paper 6
+    base_channels: int = Field(default=32, ge=4)  # paper 64; latent has 4× this (paper 256)
+    decoder_res_blocks: int = Field(default=2, ge=0)  # paper 6
     # "skips": the official code's decoder (warps every encoder scale, blends the warped source image);
     # "latent": the paper's text, Ω(m ⊙ W(z0, f)) only. See docs/model.md.
     decoder: Literal["skips", "latent"] = "skips"
     # what Ω's warps read where the flow points outside the source: zeros (official code) or the nearest
     # edge, which leaves far less for Ω to paint in when the camera moves (docs/model.md)
     padding: Literal["zeros", "border"] = "border"
-    num_regions: int = Field(10, ge=1)
-    region_temperature: float = Field(0.1, gt=0)
-    region_pad: int = Field(3, ge=0)  # padding of the 7×7 heatmap conv: 3 keeps size, 0 shrinks by 6
+    num_regions: int = Field(default=10, ge=1)
+    region_temperature: float = Field(default=0.1, gt=0)
+    region_pad: int = Field(default=3, ge=0)  # padding of the 7×7 heatmap conv: 3 keeps size, 0 shrinks by 6
     pca_based: bool = True  # affine from the heatmap covariance (MRAA); False → shift only
-    region_block_expansion: int = Field(16, ge=1)  # paper 32
-    region_num_blocks: int = Field(3, ge=1)  # paper 5
-    region_max_features: int = Field(256, ge=1)  # paper 1024
-    flow_block_expansion: int = Field(16, ge=1)  # paper 64
-    flow_num_blocks: int = Field(3, ge=1)  # paper 5
-    flow_max_features: int = Field(256, ge=1)  # paper 1024
-    bg_block_expansion: int = Field(16, ge=1)  # paper 32
-    bg_num_blocks: int = Field(4, ge=1)  # paper 5
-    bg_max_features: int = Field(256, ge=1)  # paper 1024
+    region_block_expansion: int = Field(default=16, ge=1)  # paper 32
+    region_num_blocks: int = Field(default=3, ge=1)  # paper 5
+    region_max_features: int = Field(default=256, ge=1)  # paper 1024
+    flow_block_expansion: int = Field(default=16, ge=1)  # paper 64
+    flow_num_blocks: int = Field(default=3, ge=1)  # paper 5
+    flow_max_features: int = Field(default=256, ge=1)  # paper 1024
+    bg_block_expansion: int = Field(default=16, ge=1)  # paper 32
+    bg_num_blocks: int = Field(default=4, ge=1)  # paper 5
+    bg_max_features: int = Field(default=256, ge=1)  # paper 1024
     # the background predictor's input: frame scale (MRAA 1; 1/n) and pixel coordinates as two extra
     # channels (not in MRAA): docs/model.md, "A background predictor that sees where it looks"
-    bg_scale: float = Field(0.5, gt=0, le=1)
+    bg_scale: float = Field(default=0.5, gt=0, le=1)
     bg_coords: bool = True
     use_background: bool = True  # background affine motion predictor
     # where F's motions come from: "mraa" (the paper: regions' positions and shapes in both frames, a background
     # regressor), or "correlation" (affine fits of the local motion a cost volume finds: docs/model.md)
     motion_estimator: Literal["mraa", "correlation"] = "correlation"
-    corr_channels: int = Field(32, ge=2)  # correlation: feature channels compared
-    corr_radius: int = Field(4, ge=1)  # correlation: the largest displacement compared, in latent pixels
+    corr_channels: int = Field(default=32, ge=2)  # correlation: feature channels compared
+    # correlation: the largest displacement compared, in latent pixels
+    corr_radius: int = Field(default=4, ge=1)
 
     @field_validator("bg_scale")
     @classmethod
@@ -149,17 +150,17 @@ LRScheduleName = Literal["linear", "cosine", "multistep"]
 
 
 class EquivarianceConfig(Section):
-    weight: float = Field(10.0, ge=0)
-    sigma_affine: float = Field(0.05, ge=0)
-    sigma_tps: float = Field(0.005, ge=0)
-    points_tps: int = Field(5, ge=2)
+    weight: float = Field(default=10.0, ge=0)
+    sigma_affine: float = Field(default=0.05, ge=0)
+    sigma_tps: float = Field(default=0.005, ge=0)
+    points_tps: int = Field(default=5, ge=2)
 
 
 class PerceptualConfig(Section):
     backbone: Literal["mobilenet_v2", "vgg19"] = "mobilenet_v2"
     weights: str | None = None  # a local .pth; None → the offline package's (mobilenet_v2) or torch hub cache (vgg19)
     scales: tuple[Annotated[float, Field(gt=0, le=1)], ...] = (1.0, 0.5, 0.25, 0.125)  # each 1/n
-    weight: float = Field(10.0, ge=0)
+    weight: float = Field(default=10.0, ge=0)
 
     @field_validator("scales")
     @classmethod
@@ -177,24 +178,25 @@ class PretrainFlowConfig(Section):
     (docs/model.md, "Stage one learns motion from a teacher")."""
 
     teacher: TeacherName = "dis_medium"
-    teacher_scale: int = Field(4, ge=1)  # the teacher sees the frames this many times larger
-    pairs_per_clip: int = Field(24, ge=1)  # frame pairs per training clip (each also reversed in time)
+    teacher_scale: int = Field(default=4, ge=1)  # the teacher sees the frames this many times larger
+    # frame pairs per training clip (each also reversed in time)
+    pairs_per_clip: int = Field(default=24, ge=1)
     augment: bool = True  # pairs reversed in time and under the eight symmetries of the square, at random
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
     betas: Betas = (0.9, 0.999)  # the lr decays linearly to 0
     # loss weights beside the final flow's (1): the correlation estimator's local motion, the background
     # affine's and each region's own motion against the teacher, the occlusion head against the teacher's
     # visibility, FOMM's equivariance
-    local_weight: float = Field(1.0, ge=0)
-    background_weight: float = Field(0.1, ge=0)
-    region_weight: float = Field(0.1, ge=0)
-    occlusion_weight: float = Field(0.1, ge=0)
+    local_weight: float = Field(default=1.0, ge=0)
+    background_weight: float = Field(default=0.1, ge=0)
+    region_weight: float = Field(default=0.1, ge=0)
+    occlusion_weight: float = Field(default=0.1, ge=0)
     equivariance: EquivarianceConfig = EquivarianceConfig(weight=0.0)
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)
-    num_workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(default=500, ge=1)
+    log_every: int = Field(default=50, ge=1)
+    num_workers: int = Field(default=0, ge=0)
 
 
 class TrainLFAEConfig(Section):
@@ -203,18 +205,18 @@ class TrainLFAEConfig(Section):
     init: str | None = "pretrain_flow"
     # keep the warm start's flow fixed (Φ, Ω and the occlusion head train); the paper trains F jointly
     freeze_motion: bool = True
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    steps: int = Field(default=300, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
     betas: Betas = (0.5, 0.999)
     milestones: Milestones = (0.6, 0.9)  # fractions of `steps` (paper: epochs 60, 90 of 100)
-    gamma: float = Field(0.1, gt=0)
+    gamma: float = Field(default=0.1, gt=0)
     perceptual: PerceptualConfig = PerceptualConfig()
     equivariance: EquivarianceConfig = EquivarianceConfig()
-    checkpoint_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
-    num_workers: int = Field(0, ge=0)
-    nproc: int = Field(1, ge=1)  # torchrun processes
+    checkpoint_every: int = Field(default=100, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    nproc: int = Field(default=1, ge=1)  # torchrun processes
 
     @model_validator(mode="after")
     def _frozen_motion_needs_a_warm_start(self) -> TrainLFAEConfig:
@@ -230,16 +232,16 @@ class TrainLFAEConfig(Section):
 class UNetConfig(Section):
     """Conditional 3D U-Net ε_θ (Ho et al. VDM / lucidrains). Paper values in comments."""
 
-    dim: int = Field(32, ge=8)  # paper 64
+    dim: int = Field(default=32, ge=8)  # paper 64
     dim_mults: tuple[int, ...] = (1, 2, 4)  # paper (1, 2, 4, 8)
-    resnet_groups: int = Field(8, ge=1)
-    attn_heads: int = Field(2, ge=1)  # paper 8
-    attn_dim_head: int = Field(32, ge=1)
+    resnet_groups: int = Field(default=8, ge=1)
+    attn_heads: int = Field(default=2, ge=1)  # paper 8
+    attn_dim_head: int = Field(default=32, ge=1)
     # spatial self-attention at levels whose side is ≤ this (paper: every level, linear attention)
-    spatial_attn_max_size: int = Field(8, ge=0)
+    spatial_attn_max_size: int = Field(default=8, ge=0)
     temporal_attn: bool = True
-    rel_pos_buckets: int = Field(32, ge=1)
-    rel_pos_max_distance: int = Field(32, ge=1)
+    rel_pos_buckets: int = Field(default=32, ge=1)
+    rel_pos_max_distance: int = Field(default=32, ge=1)
     null_embedding: Literal["zero", "learned"] = "zero"  # official: zero (MUG/MHAD), learned (NATOPS)
     # add each frame's index to its FiLM conditioning (not in the paper: there only the relative temporal
     # attention bias tells frames apart, and frame 0, whose flow is the identity, is hard to find)
@@ -260,22 +262,24 @@ class UNetConfig(Section):
 
 
 class DiffusionConfig(Section):
-    timesteps: int = Field(1000, ge=2)
+    timesteps: int = Field(default=1000, ge=2)
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"  # cosine
     # what the U-Net predicts: ε (paper, Eq. 7) or v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho), diffusers' names
     prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
-    null_prob: float = Field(0.1, ge=0, le=1)  # null-condition dropout (classifier-free guidance training)
-    threshold_percentile: float = Field(1.0, gt=0, le=1)  # dynamic thresholding (Imagen; paper 0.9); 1.0 = off
+    # null-condition dropout (classifier-free guidance training)
+    null_prob: float = Field(default=0.1, ge=0, le=1)
+    # dynamic thresholding (Imagen; paper 0.9); 1.0 = off
+    threshold_percentile: float = Field(default=1.0, gt=0, le=1)
     # what is diffused: "grid" = the absolute sampling grid (paper, official code); "displacement" = grid −
     # identity over a scale train_dm measures on the training flows (lfdm.diffusion.FlowDiffusion)
     target: Literal["grid", "displacement"] = "displacement"
     # target "displacement": the 0.995-quantile of |displacement| over the training flows maps to this value.
     # Above 1 each noise level leaves the motion more signal (sampled flows keep less spatial noise;
     # docs/results.md), but then it outgrows the [-1, 1] that dynamic thresholding assumes
-    displacement_range: float = Field(4.0, gt=0)
+    displacement_range: float = Field(default=4.0, gt=0)
     # Min-SNR-γ loss weighting (Hang et al. 2023): each sample's MSE × min(SNR_t, γ) / SNR_t (ε) or
     # / (SNR_t + 1) (v), so the easy low-noise steps stop dominating the gradient; null = plain MSE (paper)
-    min_snr_gamma: float | None = Field(None, gt=0)
+    min_snr_gamma: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _thresholding_needs_the_unit_range(self) -> DiffusionConfig:
@@ -294,9 +298,10 @@ TimestepSpacing = Literal["leading", "trailing", "linspace"]  # diffusers' names
 
 class SamplerConfig(Section):
     sampler: SamplerName = "ddim"
-    steps: int = Field(20, ge=1)
-    guidance: float = Field(1.0, ge=0)  # g in Eq. 4: 1 = conditional only, 0 = null only (stochastic)
-    eta: float = Field(1.0, ge=0, le=1)  # DDIM stochasticity: 1 = fresh noise each step (as DDPM), 0 = deterministic
+    steps: int = Field(default=20, ge=1)
+    guidance: float = Field(default=1.0, ge=0)  # g in Eq. 4: 1 = conditional only, 0 = null only (stochastic)
+    # DDIM stochasticity: 1 = fresh noise each step (as DDPM), 0 = deterministic
+    eta: float = Field(default=1.0, ge=0, le=1)
     # DDIM's timestep grid (diffusers' names): leading T−T/n … 0, trailing T−1 … T/n−1 (the official grid),
     # linspace T−1 … 0
     timestep_spacing: TimestepSpacing = "leading"
@@ -307,16 +312,16 @@ class SampleConfig(SamplerConfig):
 
     extra_labels: tuple[str, ...] = ("pan to the left", "zoom out slowly")  # prompts beyond the labels
     decoder: Literal["trained", "finetuned"] = "trained"  # finetuned: finetune_decoder's Ω (needs it enabled)
-    extra_label_videos: int = Field(2, ge=0)  # test images that also get each extra label
-    seen_videos: int = Field(32, ge=0)  # training clips also generated: FVD on seen vs unseen images
-    batch_size: int = Field(8, ge=1)
+    extra_label_videos: int = Field(default=2, ge=0)  # test images that also get each extra label
+    seen_videos: int = Field(default=32, ge=0)  # training clips also generated: FVD on seen vs unseen images
+    batch_size: int = Field(default=8, ge=1)
     seed: Seed = 1234
-    fps: int = Field(8, ge=1)
+    fps: int = Field(default=8, ge=1)
 
 
 class TextConfig(Section):
     checkpoint: str | None = None  # a local BERT directory; None → the offline all-MiniLM-L6-v2 package
-    max_length: int = Field(32, ge=2)
+    max_length: int = Field(default=32, ge=2)
     exclude_cls: bool = False  # official LFDM drops [CLS] from the mean; sentence-transformers keeps it
 
 
@@ -326,26 +331,26 @@ class DMConfig(Section):
 
 
 class TrainDMConfig(Section):
-    steps: int = Field(3200, ge=1)
-    batch_size: int = Field(4, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(default=3200, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
     betas: Betas = (0.9, 0.99)
     # linear / cosine: from lr to 0 over the run (diffusers' schedules); multistep: × gamma at milestones (paper)
     lr_schedule: LRScheduleName = "linear"
     milestones: Milestones = (0.67, 0.83)  # multistep: fractions of `steps` (paper: epochs 800, 1000)
-    gamma: float = Field(0.1, gt=0)
-    grad_clip: float | None = Field(1.0, gt=0)
+    gamma: float = Field(default=0.1, gt=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
     # EMA of the weights, saved as the model: decay 1 − (1 + step)^(−2/3) (diffusers' warm-up, so it suits
     # hundreds of CPU steps and 100k GPU steps alike) capped at this value; 0 = off (official code: no EMA)
-    ema_max_decay: float = Field(0.9999, ge=0, lt=1)
-    checkpoint_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
-    num_workers: int = Field(0, ge=0)
-    nproc: int = Field(1, ge=1)
+    ema_max_decay: float = Field(default=0.9999, ge=0, lt=1)
+    checkpoint_every: int = Field(default=100, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    nproc: int = Field(default=1, ge=1)
 
 
 class ExtractFlowConfig(Section):
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(default=16, ge=1)
 
 
 class FinetuneDecoderConfig(Section):
@@ -357,20 +362,20 @@ class FinetuneDecoderConfig(Section):
     dataset: Literal["mug", "mhad", "natops", "faceforensics", "folder"] = "folder"
     root: str | None = None
     crop: Literal["auto", "none", "center", "face", "body"] = "auto"
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    steps: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
     betas: Betas = (0.5, 0.999)
-    checkpoint_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
-    num_workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(default=100, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    num_workers: int = Field(default=0, ge=0)
 
 
 class EvaluateConfig(Section):
-    max_grid_videos: int = Field(8, ge=1)  # videos in the real-vs-generated grid artifact
-    batch_size: int = Field(8, ge=1)  # videos per I3D forward pass
-    classifier_steps: int = Field(1000, ge=1)  # condition-accuracy classifier training steps
-    classifier_size: int = Field(32, ge=8, multiple_of=8)  # frame side the classifier sees
+    max_grid_videos: int = Field(default=8, ge=1)  # videos in the real-vs-generated grid artifact
+    batch_size: int = Field(default=8, ge=1)  # videos per I3D forward pass
+    classifier_steps: int = Field(default=1000, ge=1)  # condition-accuracy classifier training steps
+    classifier_size: int = Field(default=32, ge=8, multiple_of=8)  # frame side the classifier sees
 
 
 # -------------------------------------------------------------------------------------- top level
@@ -407,10 +412,10 @@ class ParallelConfig(Section):
     evaluate) over Dask (docs/scaling.md). Their outputs do not depend on it, so it is no DVC param of theirs."""
 
     dask: bool = False  # true: each of those stages runs its shards as Prefect tasks on a Dask task runner
-    shards: int = Field(4, ge=1)  # pieces per stage, each of whole batches
+    shards: int = Field(default=4, ge=1)  # pieces per stage, each of whole batches
     address: str | None = None  # scheduler of an existing Dask cluster (tcp://host:8786); None: a local one
-    workers: int = Field(2, ge=1)  # local cluster: worker processes
-    threads_per_worker: int = Field(1, ge=1)  # local cluster: threads (and torch threads) per worker
+    workers: int = Field(default=2, ge=1)  # local cluster: worker processes
+    threads_per_worker: int = Field(default=1, ge=1)  # local cluster: threads (and torch threads) per worker
 
 
 class Params(Section):
