@@ -43,7 +43,8 @@ VEGA_BUNDLE
 
 def page() -> str:
     """The HTML template, with vega-embed, Vega-Lite ``VEGA_LITE`` and Vega inlined."""
-    bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE)
+    # the stub makes snippet required; it defaults to None (the bundle's own snippet) at run time
+    bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE)  # pyright: ignore[reportCallIssue]
     clashes = [p for p in (*PLACEHOLDERS, "</script") if p in bundle]
     if clashes:
         raise RuntimeError(f"vl-convert's JavaScript bundle contains {clashes}: it cannot be inlined")
@@ -62,7 +63,8 @@ def template_path(root: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lfdm.plots_html", description=__doc__.splitlines()[0])
+    about = __doc__.splitlines()[0] if __doc__ else None  # None under python -OO
+    parser = argparse.ArgumentParser(prog="python -m lfdm.plots_html", description=about)
     parser.add_argument("root", nargs="?", default=".", type=Path, help="the DVC repository (default: .)")
     path = template_path(parser.parse_args(argv).root)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath
 
 import numpy as np
 
@@ -190,7 +190,7 @@ def _finish(src: Source, clip: ClipSpec, frames: list[np.ndarray], total: int, s
     )
 
 
-def path_id(rel: PurePosixPath) -> str:
+def path_id(rel: PurePath) -> str:
     """A frame-store-safe video id from a path relative to the dataset root: its parts joined by ``-``,
     a video suffix dropped, characters other than letters, digits, ``._-`` replaced by ``_``."""
     parts = list(rel.parts)

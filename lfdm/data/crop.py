@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 
 import cv2
+import cv2.data  # the cascades' folder: a submodule the cv2 stubs do not declare
 import numpy as np
 
 Box = tuple[float, float, float, float]
@@ -98,7 +99,8 @@ def face_box(frames: np.ndarray, scale: float = 1.8) -> Box:
             cv2.equalizeHist(grey), scaleFactor=1.1, minNeighbors=5, minSize=(24, 24)
         )
         if len(found):
-            x, y, fw, fh = max(found.astype(float), key=lambda b: b[2] * b[3]) / up
+            # the stubs say a sequence of rects; OpenCV returns an (n, 4) int array when it finds any
+            x, y, fw, fh = max(np.asarray(found, dtype=float), key=lambda b: b[2] * b[3]) / up
             faces.append((x + fw / 2, y + fh / 2, max(fw, fh)))
     if not faces:
         raise ValueError(f"no face found in {len(picks)} of its frames (OpenCV Haar cascade)")

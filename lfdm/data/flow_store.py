@@ -57,7 +57,7 @@ class FlowStore(LazyZarrGroup):
 
     @property
     def attrs(self) -> FlowStoreAttrs:
-        stored = self.group.attrs.asdict()
+        stored: dict[str, Any] = self.group.attrs.asdict()  # JSON, as __init__ wrote it from FlowStoreAttrs
         try:
             return FlowStoreAttrs(**{f.name: stored[f.name] for f in fields(FlowStoreAttrs)})
         except KeyError as err:
@@ -81,22 +81,22 @@ class FlowStore(LazyZarrGroup):
                 raise ValueError(f"{video_id}: {name} has values that are not finite in float16")
         for name, x in arrays.items():
             self.forget(f"{name}/{video_id}")
-            arr = self.group[name].create_array(
+            arr = self.subgroup(name).create_array(
                 video_id, shape=x.shape, dtype=x.dtype, chunks=x.shape, overwrite=True
             )
             arr[...] = x
 
     def read(self, video_id: str, dtype: DTypeLike = np.float32) -> tuple[np.ndarray, np.ndarray]:
         """``(flow (3, K, h, w), z0 (C, h, w))`` as ``dtype`` (float16 is how they are stored)."""
-        arrays = (self.array(f"{name}/{video_id}", video_id)[...] for name in ("flows", "z0"))
-        return tuple(x.astype(dtype, copy=False) for x in arrays)  # a fresh read: no second copy in its own dtype
+        flow, z0 = (self.read_array(f"{name}/{video_id}", video_id) for name in ("flows", "z0"))
+        return flow.astype(dtype, copy=False), z0.astype(dtype, copy=False)  # fresh reads: no second copy
 
     def __contains__(self, video_id: object) -> bool:
-        return isinstance(video_id, str) and video_id in self.group["flows"]
+        return isinstance(video_id, str) and video_id in self.subgroup("flows")
 
     @property
     def video_ids(self) -> list[str]:
-        return sorted(self.group["flows"].array_keys())
+        return sorted(self.subgroup("flows").array_keys())
 
 
 # training sets up to this size (as stored, float16) are read into memory once: a read from Zarr costs

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from lfdm.data.manifest import ManifestRow
 
 FrameSampling = Literal["uniform", "random_sorted", "very_random"]
+Mode = Literal["r", "r+", "a", "w", "w-"]  # zarr.open_group's
 
 
 def sample_frame_indices(
@@ -72,9 +73,9 @@ class LazyZarrGroup:
 
     kind = "Zarr store"  # how error messages name the store
 
-    def __init__(self, path: str | Path, mode: Literal["r", "r+", "a", "w", "w-"] = "r") -> None:
+    def __init__(self, path: str | Path, mode: Mode = "r") -> None:
         self.path = str(path)
-        self.mode = mode
+        self.mode: Mode = mode
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._pid = os.getpid()
@@ -97,10 +98,24 @@ class LazyZarrGroup:
         group = self.group
         if path not in self._arrays:
             try:
-                self._arrays[path] = group[path]
+                node = group[path]
             except KeyError:
                 raise KeyError(f"video {video_id!r} is not in {self.kind} {self.path}") from None
+            if not isinstance(node, zarr.Array):
+                raise ValueError(f"{self.path}: {path} is a group, not an array; is it a {self.kind}?")
+            self._arrays[path] = node
         return self._arrays[path]
+
+    def read_array(self, path: str, video_id: str) -> np.ndarray:
+        """The whole of :meth:`array` ``path``, read."""
+        return np.asarray(self.array(path, video_id)[...])
+
+    def subgroup(self, name: str) -> zarr.Group:
+        """The group ``name`` of the store (``flows``, ``z0``, …)."""
+        node = self.group[name]
+        if not isinstance(node, zarr.Group):
+            raise ValueError(f"{self.path}: {name} is an array, not a group; is it a {self.kind}?")
+        return node
 
     def forget(self, path: str) -> None:
         """Drop the open handle of the array at ``path``, which is being rewritten."""
@@ -141,11 +156,11 @@ class FrameStore(LazyZarrGroup):
 
     def read(self, video_id: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """``(T, H, W, 3)`` uint8, or ``(len(indices), H, W, 3)``; indices may repeat."""
-        arr = self.array(video_id, video_id)
         if indices is None:
-            return arr[...]
+            return self.read_array(video_id, video_id)
+        # each frame chunk read once
         unique, inverse = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
-        return arr.oindex[unique][inverse]  # each frame chunk read once
+        return np.asarray(self.array(video_id, video_id).oindex[unique])[inverse]
 
     def __contains__(self, video_id: object) -> bool:
         return isinstance(video_id, str) and video_id in self.group

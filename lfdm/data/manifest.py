@@ -8,6 +8,7 @@ the diffusion model uses, drawn once by preprocess). Extra columns are ignored o
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,15 +88,12 @@ def _validate(table: pa.Table, path: Path) -> None:
     for name in SCHEMA.names:
         if table.column(name).null_count:
             raise ValueError(f"{path}: column {name!r} has {table.column(name).null_count} missing value(s)")
-    counts = pc.value_counts(table.column("video_id"))
-    duplicated = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(duplicated):
-        raise ValueError(f"{path}: column 'video_id': duplicate value {duplicated[0]['values'].as_py()!r}")
-    unknown = pc.filter(table.column("split"), pc.invert(pc.is_in(table.column("split"), pa.array(SPLITS))))
-    if len(unknown):
-        raise ValueError(
-            f"{path}: column 'split': unknown value {unknown[0].as_py()!r}; expected one of {SPLITS}"
-        )
+    duplicated = [v for v, n in Counter(table.column("video_id").to_pylist()).items() if n > 1]
+    if duplicated:
+        raise ValueError(f"{path}: column 'video_id': duplicate value {duplicated[0]!r}")
+    unknown = [s for s in table.column("split").to_pylist() if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"{path}: column 'split': unknown value {unknown[0]!r}; expected one of {SPLITS}")
     for row in table.select(["video_id", "num_frames", "frame_indices"]).to_pylist():
         n, idx = row["num_frames"], row["frame_indices"]
         if n < 1 or not idx or any(not 0 <= i < n for i in idx) or idx != sorted(idx):

@@ -60,7 +60,8 @@ class TeacherFlowStore(LazyZarrGroup):
             check_video_id(row.video_id)
             clip = frames.read(row.video_id)
             digest = hashlib.sha1(clip.tobytes()).hexdigest()
-            if row.video_id in group["flows"] and group["flows"][row.video_id].attrs.get("frames_sha1") == digest:
+            stored = self.subgroup("flows")
+            if row.video_id in stored and stored[row.video_id].attrs.get("frames_sha1") == digest:
                 continue
             pairs = frame_pairs(len(clip), settings.pairs_per_clip, settings.seed, row.video_id)
             source, driving = clip[pairs[:, 0]], clip[pairs[:, 1]]
@@ -81,13 +82,13 @@ class TeacherFlowStore(LazyZarrGroup):
 
     def _write(self, name: str, video_id: str, x: np.ndarray):
         self.forget(f"{name}/{video_id}")
-        arr = self.group[name].create_array(video_id, shape=x.shape, dtype=x.dtype, chunks=x.shape, overwrite=True)
+        arr = self.subgroup(name).create_array(video_id, shape=x.shape, dtype=x.dtype, chunks=x.shape, overwrite=True)
         arr[...] = x
         return arr
 
     def read(self, video_id: str) -> tuple[np.ndarray, np.ndarray]:
         """``(pairs (P, 2) int32, flows (P, 6, h, w) float16)`` of one clip."""
-        return self.array(f"pairs/{video_id}", video_id)[...], self.array(f"flows/{video_id}", video_id)[...]
+        return self.read_array(f"pairs/{video_id}", video_id), self.read_array(f"flows/{video_id}", video_id)
 
 
 def frame_pairs(num_frames: int, count: int, seed: int, video_id: str) -> np.ndarray:
