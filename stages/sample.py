@@ -29,10 +29,10 @@ from lfdm.data import (
     write_manifest,
 )
 from lfdm.device import resolve_device
-from lfdm.generate import LFDMPipeline
 from lfdm.models.checkpoints import sampling_lfae_path
 from lfdm.models.warp import from_diffusion_tensor, to_diffusion_tensor
 from lfdm.parallel import MapShards, batch_shards, serial
+from lfdm.pipeline import LFDMPipeline
 from lfdm.video import write_video
 from lfdm.viz import flow_strip, to_uint8
 
@@ -97,7 +97,7 @@ def sample_shard(p: Params, batches: Sequence[tuple[int, Sequence[ManifestRow]]]
             x0 = torch.stack([to_tensor(real_frames.read(r.source, r.frame_indices[:1]))[0] for r in batch])
             generator = torch.Generator(device).manual_seed(p.sample.seed + index)
             start = time.perf_counter()
-            gen = pipe(x0, [r.label for r in batch], p.sample, generator=generator)
+            gen = pipe(x0, [r.label for r in batch], sampler=p.sample, generator=generator)
             frames = to_uint8(gen.videos)  # on the CPU: the GPU work is done
             seconds += time.perf_counter() - start
             sequences = to_diffusion_tensor(gen.flow, gen.occlusion).cpu().numpy()
