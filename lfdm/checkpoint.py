@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from lfdm.errors import MissingInput, UnreadableInput
+
 
 def save_checkpoint(path: str | Path, **payload: Any) -> None:
     """Write ``payload`` to ``path`` via a temp file + rename, so a kill never leaves half a file."""
@@ -31,8 +33,8 @@ def save_checkpoint(path: str | Path, **payload: Any) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingInput(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt or not a torch file
-        raise ValueError(f"checkpoint {path} could not be read: {err}") from err
+        raise UnreadableInput(f"checkpoint {path} could not be read: {err}") from err

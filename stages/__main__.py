@@ -7,6 +7,7 @@ import signal
 import sys
 
 from lfdm.config import ParamsError, load_params
+from lfdm.errors import UserError
 from stages import STAGES, execute
 
 
@@ -30,14 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"error: {args.stage} interrupted", file=sys.stderr)
         return 130
-    except Exception as err:
-        if params.tracking.enabled:  # lfdm.tracking imports mlflow: only a stage that tracks has loaded it
-            from lfdm.tracking import TrackingError
-
-            if isinstance(err, TrackingError):
-                print(f"error: {args.stage}: {err}", file=sys.stderr)
-                return 1
-        raise
+    except UserError as err:  # bad params, data or inputs, a diverged run, a required store that failed
+        print(f"error: {args.stage}: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ParamsError) else 1
     return 0
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from lfdm.config import DataConfig
 from lfdm.data.crop import Cropper, crop_and_resize
 from lfdm.data.embedded import Clip
+from lfdm.errors import UserError
 from lfdm.video import IMAGE_SUFFIXES, count_frames, iter_indexed_frames
 
 MIN_FRAMES = 2  # a clip needs motion: the LFAE learns from two different frames of it
@@ -36,7 +37,7 @@ SPECIAL_FILES = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be used as a whole (its directory, its list of clips, no usable clips); the
     message names the file, line or key and what to do. A clip that cannot be used is a :class:`Skip`."""
 

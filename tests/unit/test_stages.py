@@ -32,3 +32,18 @@ def test_stages_load_from_concurrent_threads() -> None:
     result = subprocess.run([sys.executable, "-c", CONCURRENT_LOADS], cwd=Path(__file__).parents[2],
                             capture_output=True, text=True, check=True, timeout=300)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-3000:]
+
+
+def test_a_stage_missing_its_input_names_it_without_a_traceback(tmp_path) -> None:
+    """``python -m stages``: a UserError (here a missing upstream output) is one line and exit 1."""
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "tracking: {enabled: false}\n"
+        f"paths: {{lfae: {tmp_path}/missing/lfae.pt, metrics: {tmp_path}/metrics}}\n"
+    )
+    result = subprocess.run([sys.executable, "-m", "stages", "extract_flow", "--params", str(params)],
+                            cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: extract_flow: ")
+    assert "missing/lfae.pt" in result.stderr
