@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
 from lfdm.config import ParallelConfig
-from lfdm.parallel import MapShards
+from lfdm.shards import MapShards
 
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -149,7 +149,7 @@ class LFDMPipeline:
     ) -> LFDMPipeline:
         """The pipeline stages' checkpoints (``paths.lfae``, ``paths.dm``, ``paths.embeddings``)."""
         # here, not at the top: it imports the data package, which inference needs nothing else of
-        from lfdm.models.checkpoints import load_lfae
+        from lfdm.models.lfae_checkpoints import load_lfae
 
         lfae, lfae_meta = load_lfae(lfae_path, device)
         diffusion, dm_meta = load_dm(dm_path, device)
@@ -176,7 +176,7 @@ class LFDMPipeline:
         """The models a pipeline run trained, as ``params`` names them: its paths are relative to its folder
         (where DVC runs the stages), the LFAE is the one ``sample.decoder`` selects (``lfae`` and ``dm``
         replace the checkpoints), the ``sample`` section is the default sampler and ``device`` its device."""
-        from lfdm.models.checkpoints import sampling_lfae_path
+        from lfdm.models.lfae_checkpoints import sampling_lfae_path
 
         p, root = load_params(params), Path(params).parent
         checkpoints = [lfae or root / sampling_lfae_path(p), dm or root / p.paths.dm]

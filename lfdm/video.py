@@ -134,7 +134,7 @@ def count_frames(path: str | Path) -> int:
         raise ValueError(f"{path}: cannot read video: {err}") from err
 
 
-def read_frames(path: str | Path, indices: Sequence[int] | None = None) -> np.ndarray:
+def read_video(path: str | Path, indices: Sequence[int] | None = None) -> np.ndarray:
     """``(T, H, W, 3)`` uint8: all frames, or ``indices`` (any order, repeats allowed) kept while streaming."""
     if indices is None:
         return np.stack(list(iter_frames(path)))

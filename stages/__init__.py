@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lfdm import distributed
 from lfdm.config import Params
-from lfdm.parallel import MapShards
+from lfdm.shards import MapShards
 
 # the stage's MLflow run, opened by the process that launched torchrun, for rank 0 to log into
 RUN_ENV = "LFDM_MLFLOW_RUN_ID"
@@ -35,7 +35,7 @@ STAGES: dict[str, tuple[str, ...]] = {
 }
 # evaluate's metrics that the pipeline's MLflow parent run carries (with the ratios of _headline)
 HEADLINE = ("fvd/lfdm", "fvd/oracle", "fvd/static", "accuracy/lfdm", "accuracy/real", "l1/lfdm")
-# stages that work clip by clip: ``run(params, shards, map_shards)`` splits them (lfdm.parallel)
+# stages that work clip by clip: ``run(params, shards, map_shards)`` splits them (lfdm.shards)
 SHARDED = ("extract_flow", "sample", "evaluate_references", "evaluate")
 # the Prefect flow runs independent stages in threads of one process, and diffusers' and transformers' lazy
 # modules are not safe to import from two threads at once ("cannot import name 'DDIMScheduler'")

@@ -48,10 +48,10 @@ from lfdm.metrics.evaluation import (
     downsized,
     method_metrics,
     per_frame_l1,
-    read_frames,
+    stored_frames,
 )
 from lfdm.models.warp import from_diffusion_tensor, identity_grid
-from lfdm.parallel import MapShards, batch_shards, serial
+from lfdm.shards import MapShards, batch_shards, serial
 from lfdm.video import write_video
 from lfdm.viz import video_grid
 
@@ -148,8 +148,8 @@ def collect_videos(p: Params, rows: list[ManifestRow]) -> tuple[torch.Tensor, to
     real_videos, generated_videos, cosines = [], [], []
     for row in tqdm(rows, desc="evaluate: read", unit="clip"):
         generated_id = sample_of[row.video_id].video_id
-        real_videos.append(read_frames(real, row))
-        generated_videos.append(read_frames(generated, generated_id))
+        real_videos.append(stored_frames(real, row))
+        generated_videos.append(stored_frames(generated, generated_id))
         (flow, _), (generated_flow, _) = real_flows.read(row.video_id), generated_flows.read(generated_id)
         cosines.append(F.cosine_similarity(
             mean_trajectory(torch.from_numpy(generated_flow)), mean_trajectory(torch.from_numpy(flow)), dim=0

@@ -26,11 +26,11 @@ from lfdm.metrics.evaluation import (
     downsized,
     method_metrics,
     per_frame_l1,
-    read_frames,
+    stored_frames,
 )
-from lfdm.models.checkpoints import load_lfae
+from lfdm.models.lfae_checkpoints import load_lfae
 from lfdm.models.warp import from_diffusion_tensor
-from lfdm.parallel import MapShards, batch_shards, serial
+from lfdm.shards import MapShards, batch_shards, serial
 from lfdm.viz import to_uint8
 
 
@@ -62,7 +62,7 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
 
     frames = FrameStore(p.paths.frames)
     classifier, classes = train_classifier(
-        downsized(torch.stack([read_frames(frames, r) for r in train]), cfg.classifier_size), [r.label for r in train],
+        downsized(torch.stack([stored_frames(frames, r) for r in train]), cfg.classifier_size), [r.label for r in train],
         steps=cfg.classifier_steps, seed=p.seed, device=device,
     )
     for name in ("real", *REFERENCE_METHODS):
@@ -101,7 +101,7 @@ def reference_videos(p: Params, rows: list[ManifestRow], device: torch.device) -
     videos: dict[str, list[torch.Tensor]] = {"real": [], "static": [], "oracle": []}
     with torch.inference_mode():
         for row in tqdm(rows, desc="evaluate_references: oracle", unit="clip"):
-            truth = read_frames(frames, row)
+            truth = stored_frames(frames, row)
             flow, _ = flows.read(row.video_id)
             grid, occlusion = from_diffusion_tensor(torch.from_numpy(flow)[None].to(device))
             x0 = truth[:1].to(device).float() / 255

@@ -14,9 +14,9 @@ from tqdm import tqdm
 from lfdm.config import Params
 from lfdm.data import FlowStore, FlowStoreAttrs, FrameStore, ManifestRow, read_manifest, to_tensor
 from lfdm.device import resolve_device
-from lfdm.models.checkpoints import load_lfae
+from lfdm.models.lfae_checkpoints import load_lfae
 from lfdm.models.warp import to_diffusion_tensor
-from lfdm.parallel import MapShards, batch_shards, serial
+from lfdm.shards import MapShards, batch_shards, serial
 
 
 def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str, float]:

@@ -28,8 +28,8 @@ from lfdm.data.prepare import prepare_dataset
 from lfdm.device import resolve_device
 from lfdm.losses import PerceptualLoss
 from lfdm.metrics import MobileNetFeatures, feature_frechet_distance
-from lfdm.models.checkpoints import finetuned_lfae_path, load_lfae, save_lfae
 from lfdm.models.lfae import LatentFlowAutoEncoder
+from lfdm.models.lfae_checkpoints import finetuned_lfae_path, load_lfae, save_lfae
 from lfdm.training import TrainingState, adam, fit, seed_everything, sharded_loader
 from lfdm.viz import reconstruction_strip
 

@@ -27,8 +27,8 @@ from lfdm.data.embedded import generate_clips, true_flow
 from lfdm.data.teacher_store import TeacherFlowStore, TeacherPairDataset, TeacherSettings
 from lfdm.device import resolve_device
 from lfdm.losses import distillation_loss
-from lfdm.models.checkpoints import save_flow_predictor, trained_on
 from lfdm.models.lfae import FlowPredictor, LatentFlowAutoEncoder
+from lfdm.models.lfae_checkpoints import save_flow_predictor, trained_on
 from lfdm.models.warp import identity_grid, warp
 from lfdm.teacher import teacher_flows
 from lfdm.training import TrainingState, adam, fit, lr_schedule, seed_everything, sharded_loader

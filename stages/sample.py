@@ -29,10 +29,10 @@ from lfdm.data import (
     write_manifest,
 )
 from lfdm.device import resolve_device
-from lfdm.models.checkpoints import sampling_lfae_path
+from lfdm.models.lfae_checkpoints import sampling_lfae_path
 from lfdm.models.warp import from_diffusion_tensor, to_diffusion_tensor
-from lfdm.parallel import MapShards, batch_shards, serial
 from lfdm.pipeline import LFDMPipeline
+from lfdm.shards import MapShards, batch_shards, serial
 from lfdm.video import write_video
 from lfdm.viz import flow_strip, to_uint8
 

@@ -18,8 +18,8 @@ from lfdm.config import Params
 from lfdm.data import FramePairDataset, FrameStore, read_manifest
 from lfdm.device import resolve_device
 from lfdm.losses import PerceptualLoss, lfae_loss
-from lfdm.models.checkpoints import init_lfae, save_lfae, trained_on
 from lfdm.models.lfae import LatentFlowAutoEncoder
+from lfdm.models.lfae_checkpoints import init_lfae, save_lfae, trained_on
 from lfdm.training import TrainingState, adam, fit, multistep_schedule, seed_everything, sharded_loader
 from lfdm.viz import reconstruction_strip
 

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from lfdm.errors import MissingInput
-from lfdm.video import read_frames, write_video
+from lfdm.video import read_video, write_video
 
 CUT_THRESHOLD = 40.0  # mean |Δ| of two consecutive frames (0–255, at 64²) above which a shot ends
 
@@ -90,7 +90,7 @@ def write_footage(
     rows = []
     for src in SOURCES:
         if src.file not in decoded:
-            decoded[src.file] = read_frames(data / src.file)
+            decoded[src.file] = read_video(data / src.file)
         frames = decoded[src.file]
         h, w = frames.shape[1:3]
         left = round(src.left * w)

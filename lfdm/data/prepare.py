@@ -13,9 +13,9 @@ from tqdm import tqdm
 
 from lfdm.config import DataConfig
 from lfdm.data.clips import DatasetError, Skip
-from lfdm.data.datasets import iter_dataset
 from lfdm.data.frames import FrameStore, sample_frame_indices
 from lfdm.data.manifest import ManifestRow, write_manifest
+from lfdm.data.sources import iter_dataset
 
 MAX_NAMED = 10  # clips named in one warning
 

@@ -105,7 +105,7 @@ def concatenated(parts: Sequence[Any]) -> torch.Tensor | np.ndarray:
     return torch.cat(list(parts)) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
 
 
-def read_frames(store: FrameStore, row: ManifestRow | str) -> torch.Tensor:
+def stored_frames(store: FrameStore, row: ManifestRow | str) -> torch.Tensor:
     """A clip's K frames (a manifest row) or a whole stored video (an id) as uint8 ``(K, 3, H, W)``."""
     frames = store.read(row) if isinstance(row, str) else store.read(row.video_id, row.frame_indices)
     return torch.from_numpy(frames).permute(0, 3, 1, 2)

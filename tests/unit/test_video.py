@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lfdm.video import count_frames, iter_frames, read_frames, write_video
+from lfdm.video import count_frames, iter_frames, read_video, write_video
 
 
 def smooth_clip(t: int = 9, h: int = 36, w: int = 48) -> np.ndarray:
@@ -35,7 +35,7 @@ def test_round_trip(tmp_path, monkeypatch, suffix, codecs, tolerance) -> None:
         monkeypatch.setattr(av, "codecs_available", codecs)
     clip = smooth_clip()
     path = write_video(tmp_path / "sub" / f"clip{suffix}", clip, fps=8)
-    back = read_frames(path)
+    back = read_video(path)
     assert back.shape == clip.shape and back.dtype == np.uint8
     assert count_frames(path) == len(clip)
     assert np.abs(back.astype(float) - clip).mean() < tolerance
@@ -47,7 +47,7 @@ def test_round_trip(tmp_path, monkeypatch, suffix, codecs, tolerance) -> None:
 def test_float_tensor_input_and_odd_size_padding(tmp_path) -> None:
     clip = smooth_clip(t=4, h=35, w=47)
     path = write_video(tmp_path / "odd.mp4", torch.from_numpy(clip).float() / 255)
-    back = read_frames(path)
+    back = read_video(path)
     assert back.shape == (4, 36, 48, 3)  # padded to even sizes for yuv420p
     assert np.abs(back[:, :35, :47].astype(float) - clip).mean() < 3.0
 
@@ -61,13 +61,13 @@ def test_write_rejects_bad_input(tmp_path) -> None:
 
 def test_real_clip_and_index_selection() -> None:
     path = carphone()
-    frames = read_frames(path)
+    frames = read_video(path)
     assert frames.shape == (120, 144, 176, 3) and frames.dtype == np.uint8
     assert count_frames(path) == 120
-    picked = read_frames(path, [7, 0, 7, 119])
+    picked = read_video(path, [7, 0, 7, 119])
     np.testing.assert_array_equal(picked, frames[[7, 0, 7, 119]])
     with pytest.raises(IndexError, match="120 frames"):
-        read_frames(path, [0, 120])
+        read_video(path, [0, 120])
 
 
 def test_iter_frames_streams() -> None:
@@ -88,7 +88,7 @@ def test_frame_folder_with_mixed_modes(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("not a frame")
     assert Image.open(tmp_path / "frame3.png").mode.startswith("I")
 
-    frames = read_frames(tmp_path)
+    frames = read_video(tmp_path)
     assert frames.shape == (5, 12, 10, 3) and frames.dtype == np.uint8
     assert count_frames(tmp_path) == 5
     np.testing.assert_array_equal(frames[0], np.repeat(rgb[..., :1], 3, axis=-1))
@@ -101,15 +101,15 @@ def test_unreadable_inputs_name_the_file(tmp_path) -> None:
     bad = tmp_path / "corrupt.mp4"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(ValueError, match="corrupt.mp4"):
-        read_frames(bad)
+        read_video(bad)
     with pytest.raises(ValueError, match="corrupt.mp4"):
         count_frames(bad)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "0.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="0.png"):
-        read_frames(tmp_path / "broken")
+        read_video(tmp_path / "broken")
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
-        read_frames(tmp_path / "missing.mp4")
+        read_video(tmp_path / "missing.mp4")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
-        read_frames(tmp_path / "empty")
+        read_video(tmp_path / "empty")
