@@ -96,7 +96,11 @@ def decode_label(label: Any) -> str:
 
 class LFDMModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.pipe = LFDMPipeline.from_pretrained(context.artifacts[PIPELINE_ARTIFACT], resolve_device())
+        """The pipeline on ``model_config``'s ``device`` (default auto: CUDA when present), given as
+        ``load_model(uri, model_config={"device": "cpu"})`` or, to ``mlflow models serve``, in the environment
+        variable ``SERVING_MODEL_CONFIG='{"device": "cpu"}'``."""
+        device = resolve_device((context.model_config or {}).get("device", "auto"), "model_config device")
+        self.pipe = LFDMPipeline.from_pretrained(context.artifacts[PIPELINE_ARTIFACT], device)
 
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
@@ -154,5 +158,6 @@ def log_pipeline(
             name=name, python_model=LFDMModel(), artifacts={PIPELINE_ARTIFACT: str(saved)},
             signature=signature(pipe), input_example=input_example(pipe), code_paths=[str(Path(__file__).parent)],
             pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
+            model_config={"device": "auto"},  # the keys load_model / SERVING_MODEL_CONFIG may set
             registered_model_name=registered_model_name,
         )

@@ -62,8 +62,8 @@ def test_served_model_answers_with_a_video_and_names_a_bad_field(tmp_path, mlflo
         server = subprocess.Popen(
             [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
              "-h", "127.0.0.1", "-p", str(port)],
-            cwd=tmp_path, env=service_env(tmp_path, MLFLOW_TRACKING_URI=mlflow_server), stdout=out,
-            stderr=subprocess.STDOUT,
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+            env=service_env(tmp_path, MLFLOW_TRACKING_URI=mlflow_server, SERVING_MODEL_CONFIG='{"device": "cpu"}'),
         )
     url = f"http://127.0.0.1:{port}"
     try:

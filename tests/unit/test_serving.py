@@ -35,7 +35,7 @@ def logged(pipe, tmp_path_factory):
         experiment = mlflow.create_experiment("serving", artifact_location=str(home / "artifacts"))
         with mlflow.start_run(experiment_id=experiment):
             info = log_pipeline(pipe, registered_model_name=NAME)
-        yield info, mlflow.pyfunc.load_model(info.model_uri)
+        yield info, mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"})  # as the pipe
     finally:
         mlflow.set_tracking_uri(previous)
 
@@ -58,6 +58,12 @@ def test_logged_model_generates_what_the_pipeline_does(pipe, logged, tmp_path):
     signature = mlflow.models.get_model_info(info.model_uri).signature
     assert signature.inputs.input_names() == ["image", "label"]
     assert {p.name: p.default for p in signature.params.params} == {"steps": 2, "guidance": 1.0, "seed": 0}
+
+
+def test_device_comes_from_the_model_config(logged):
+    info, _ = logged
+    with pytest.raises(ValueError, match="model_config device: 'cuda:99'"):
+        mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cuda:99"})
 
 
 def test_registered_version_loads_as_a_pipeline(pipe, logged):
