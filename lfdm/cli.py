@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import NoReturn, get_args
 
 from lfdm.config import ParamsError, SamplerName, TimestepSpacing, load_params
+from lfdm.errors import UserError
 
 MAX_FPS = 100  # GIF frame times are whole hundredths of a second
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A bad flag, or a file a flag names: exit status 2."""
 
 
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, RuntimeError, ArithmeticError) as err:  # a failure while running
+    except (UserError, OSError, ValueError, RuntimeError, ArithmeticError) as err:  # a failure while running
         print(f"error: {err}", file=sys.stderr)
         return 1
 

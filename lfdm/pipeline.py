@@ -40,6 +40,7 @@ from lfdm.config import (
 )
 from lfdm.device import resolve_device
 from lfdm.diffusion import FlowDiffusion, load_dm
+from lfdm.errors import MissingInput, UnreadableInput, UserError
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
 from lfdm.models.warp import from_diffusion_tensor
@@ -96,7 +97,7 @@ class Generation:
         return Path(path)
 
 
-class SamplerOptionError(ValueError):
+class SamplerOptionError(UserError, ValueError):
     """A sampling option that cannot be used. ``field`` is its SamplerConfig name (the ``sample`` key, the
     ``lfdm generate`` flag, the request field); the message names :meth:`LFDMPipeline.__call__`'s keyword."""
 
@@ -182,7 +183,7 @@ class LFDMPipeline:
         checkpoints = [lfae or root / sampling_lfae_path(p), dm or root / p.paths.dm]
         for path in checkpoints:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"{path} does not exist: train it (`dvc repro` in {root})")
+                raise MissingInput(f"{path} does not exist: train it (`dvc repro` in {root})")
         text = p.text.model_copy(update={"checkpoint": p.text.checkpoint and str(root / p.text.checkpoint)})
         device = torch.device(device) if device is not None else resolve_device(p.device)
         return cls.from_checkpoints(*checkpoints, root / p.paths.embeddings, text, device, p.sample)
@@ -202,9 +203,9 @@ class LFDMPipeline:
             labels = raw.pop("labels")
             config = PipelineConfig.model_validate(raw)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}, so no saved LFDMPipeline") from None
+            raise MissingInput(f"{directory}: no {CONFIG_NAME}, so no saved LFDMPipeline") from None
         except (ValueError, KeyError, AttributeError) as err:  # JSONDecodeError, ValidationError: ValueErrors
-            raise ValueError(f"{path}: not a pipeline config: {err}") from None
+            raise UnreadableInput(f"{path}: not a pipeline config: {err}") from None
         if config.text.checkpoint is not None:
             encoder = str(directory.resolve() / config.text.checkpoint)
             text = config.text.model_copy(update={"checkpoint": encoder})
@@ -218,7 +219,7 @@ class LFDMPipeline:
                     raise ValueError(f"{name}.safetensors does not fit {CONFIG_NAME}: missing "
                                      f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
         except (OSError, RuntimeError, SafetensorError, ValueError, KeyError) as err:
-            raise ValueError(f"{directory}: unreadable saved pipeline: {err}") from None
+            raise UnreadableInput(f"{directory}: unreadable saved pipeline: {err}") from None
         return pipe.to(device)
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -365,7 +366,7 @@ def _download_pipeline(uri: str) -> Path:
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     found = next(local.rglob(CONFIG_NAME), None)
     if found is None:
-        raise FileNotFoundError(f"{uri}: no {CONFIG_NAME} in this MLflow model (not logged by log_pipeline)")
+        raise MissingInput(f"{uri}: no {CONFIG_NAME} in this MLflow model (not logged by log_pipeline)")
     return found.parent
 
 
@@ -388,7 +389,7 @@ def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
             raise ValueError(f"16-bit image values lie in [0, 65535], got [{array.min()}, {array.max()}]")
         return (array / 65535 * 255).round().astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
-        if not (np.isfinite(array).all() and 0 <= array.min() and array.max() <= 1):
+        if not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
             raise ValueError(f"float images lie in [0, 1], got [{array.min()}, {array.max()}]")
         return (array.astype(np.float64) * 255).round().astype(np.uint8)
     raise ValueError(f"expected uint8, uint16 or float pixels, got {array.dtype}")
@@ -400,7 +401,7 @@ def read_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as img:
             return to_rgb(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from None
+        raise UnreadableInput(f"{path}: not a readable image ({err})") from None
 
 
 def load_image(image: ImageInput, size: int) -> torch.Tensor:
@@ -411,7 +412,7 @@ def load_image(image: ImageInput, size: int) -> torch.Tensor:
         if image.ndim != 3:
             raise ValueError(f"expected an image tensor (C, H, W), got shape {tuple(image.shape)}")
         if image.is_floating_point() and image.shape == (3, size, size):
-            if not (torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1):
+            if not (torch.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
                 raise ValueError("float image tensors lie in [0, 1]")
             return image
         image = image.detach().cpu().movedim(0, -1).numpy()
