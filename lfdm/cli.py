@@ -13,10 +13,13 @@ import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
-from typing import NoReturn, get_args
+from typing import TYPE_CHECKING, NoReturn, get_args
 
 from lfdm.config import ParamsError, SamplerName, TimestepSpacing, apply_overlay, load_params
 from lfdm.errors import UserError
+
+if TYPE_CHECKING:
+    from lfdm.pipeline import SamplerOptionError
 
 MAX_FPS = 100  # GIF frame times are whole hundredths of a second
 
@@ -72,7 +75,7 @@ def _check_writable(flag: str, path: Path, suffixes: set[str]) -> None:
         raise UsageError(f"{flag} {path}: {existing} is not writable")
 
 
-def _flag_error(err: ValueError) -> UsageError:
+def _flag_error(err: SamplerOptionError) -> UsageError:
     """A :class:`~lfdm.pipeline.SamplerOptionError` as the flag of the same name."""
     return UsageError(f"--{err.field.replace('_', '-')}: {err.reason}")
 

@@ -160,13 +160,13 @@ class LFDMPipeline:
                 f"{dm_path} was trained on {dm_meta['latent_size']}px latents of {dm_meta['cond_channels']} "
                 f"channels, {lfae_path} makes {latent}px latents of {lfae.cfg.latent_channels}"
             )
-        has_table = embeddings_path and Path(embeddings_path).exists()
         config = PipelineConfig(
             image_size=lfae_meta["image_size"], num_frames=dm_meta["num_frames"],
             text_dim=dm_meta["text_dim"], lfae=lfae.cfg, dm=DMConfig.model_validate(dm_meta["config"]),
             text=text, sampler=sampler or SamplerConfig(),
         )
-        embeddings = load_embeddings(embeddings_path) if has_table else {}
+        table = Path(embeddings_path) if embeddings_path is not None else None
+        embeddings = load_embeddings(table) if table is not None and table.exists() else {}
         return cls(config, lfae, diffusion, embeddings)
 
     @classmethod
@@ -180,13 +180,13 @@ class LFDMPipeline:
         from lfdm.models.lfae_checkpoints import sampling_lfae_path
 
         p, root = load_params(params), Path(params).parent
-        checkpoints = [lfae or root / sampling_lfae_path(p), dm or root / p.paths.dm]
-        for path in checkpoints:
+        lfae_path, dm_path = lfae or root / sampling_lfae_path(p), dm or root / p.paths.dm
+        for path in (lfae_path, dm_path):
             if not Path(path).is_file():
                 raise MissingInput(f"{path} does not exist: train it (`dvc repro` in {root})")
         text = p.text.model_copy(update={"checkpoint": p.text.checkpoint and str(root / p.text.checkpoint)})
         device = torch.device(device) if device is not None else resolve_device(p.device)
-        return cls.from_checkpoints(*checkpoints, root / p.paths.embeddings, text, device, p.sample)
+        return cls.from_checkpoints(lfae_path, dm_path, root / p.paths.embeddings, text, device, p.sample)
 
     @classmethod
     def from_pretrained(cls, path_or_uri: str | Path, device: str | torch.device = "cpu") -> LFDMPipeline:
@@ -302,11 +302,13 @@ class LFDMPipeline:
         """The denoiser steps ``sampler`` runs."""
         return self.diffusion.cfg.timesteps if sampler.sampler == "ddpm" else sampler.steps
 
-    def preprocess(self, image: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+    def preprocess(self, image: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> torch.Tensor:
         """One image, a sequence of them, or a batch ``(B, C, H, W)`` tensor / ``(B, H, W, C)`` array →
         ``(B, 3, S, S)`` in [0, 1] on the pipeline's device (:func:`load_image` each)."""
-        batch = isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4
-        images = list(image) if batch or isinstance(image, (list, tuple)) else [image]
+        if isinstance(image, (list, tuple)) or (isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4):
+            images: list[ImageInput] = list(image)
+        else:
+            images = [image]
         if not images:
             raise ValueError("image: no images given")
         return torch.stack([load_image(one, self.image_size) for one in images]).to(self.device)
@@ -314,7 +316,7 @@ class LFDMPipeline:
     @torch.inference_mode()
     def __call__(
         self,
-        image: ImageInput | Sequence[ImageInput],
+        image: ImageInput | list[ImageInput] | tuple[ImageInput, ...],
         prompt: str | Sequence[str],
         *,
         num_inference_steps: int | None = None,

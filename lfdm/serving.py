@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 from PIL import Image
@@ -94,8 +95,8 @@ def decode_label(label: Any) -> str:
     return label
 
 
-class LFDMModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+class LFDMModel(PythonModel):
+    def load_context(self, context: PythonModelContext) -> None:
         """The pipeline on ``model_config``'s ``device`` (default auto: CUDA when present), given as
         ``load_model(uri, model_config={"device": "cpu"})`` or, to ``mlflow models serve``, in the environment
         variable ``SERVING_MODEL_CONFIG='{"device": "cpu"}'``."""
@@ -103,7 +104,7 @@ class LFDMModel(mlflow.pyfunc.PythonModel):
         self.pipe = LFDMPipeline.from_pretrained(context.artifacts[PIPELINE_ARTIFACT], device)
 
     def predict(
-        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+        self, context: PythonModelContext, model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         params = params or {}
