@@ -139,7 +139,7 @@ class ReferenceUnet3D(nn.Module):
             return nn.ModuleList([ResnetBlock(d_in, d, cond_dim, groups), ResnetBlock(d, d, cond_dim, groups),
                                   SpatialLinearAttention(d, heads, dim_head), Temporal(d, heads, dim_head, rotary=True)])
 
-        self.downs = nn.ModuleList(level(a, b) for a, b in zip([dim, *dims[:-1]], dims))
+        self.downs = nn.ModuleList(level(a, b) for a, b in zip([dim, *dims[:-1]], dims, strict=True))
         self.downsamples = nn.ModuleList([*(nn.Conv3d(d, d, (1, 4, 4), (1, 2, 2), (0, 1, 1)) for d in dims[:-1]),
                                           nn.Identity()])
         mid = dims[-1]
@@ -162,13 +162,13 @@ class ReferenceUnet3D(nn.Module):
         x = self.init_conv(torch.cat((x, cond[:, :, None].expand(-1, -1, f, -1, -1)), dim=1))
         x = self.init_temporal(x, bias)
         r, skips = x, []
-        for (block1, block2, spatial, temporal), down in zip(self.downs, self.downsamples):
+        for (block1, block2, spatial, temporal), down in zip(self.downs, self.downsamples, strict=True):
             x = temporal(spatial(block2(block1(x, emb), emb)), bias)
             skips.append(x)
             x = down(x)
         block1, spatial, temporal, block2 = self.mid
         x = block2(temporal(spatial(block1(x, emb)), bias), emb)
-        for (block1, block2, spatial, temporal), up in zip(self.ups, self.upsamples):
+        for (block1, block2, spatial, temporal), up in zip(self.ups, self.upsamples, strict=True):
             x = torch.cat((x, skips.pop()), dim=1)
             x = up(temporal(spatial(block2(block1(x, emb), emb)), bias))
         return self.final_conv(self.final_block(torch.cat((x, r), dim=1), emb))

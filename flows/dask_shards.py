@@ -10,11 +10,13 @@ process, so the shards only read inputs and write their own clips.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
-from prefect_dask import DaskTaskRunner
+from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner
+from prefect_dask.task_runners import DaskTaskRunner
 
 from lfdm.config import ParallelConfig
 from lfdm.shards import MapShards
@@ -38,7 +40,9 @@ def task_runner(cfg: ParallelConfig) -> DaskTaskRunner:
 
 def dask_map_shards(cfg: ParallelConfig, stage: str) -> MapShards:
     def map_shards(fn: Callable[[Any], Any], shards: Sequence[Any]) -> list[Any]:
-        @flow(name=f"{stage}-shards", task_runner=task_runner(cfg))
+        # flow() asks for TaskRunner[PrefectFuture], invariant in the future type, which only the base
+        # class meets (Prefect casts its own default runner the same way)
+        @flow(name=f"{stage}-shards", task_runner=cast(TaskRunner[PrefectFuture[Any]], task_runner(cfg)))
         def stage_shards() -> list[Any]:
             futures = run_shard.map(unmapped(fn), shards)
             return [future.result() for future in futures]

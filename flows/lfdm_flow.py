@@ -58,7 +58,8 @@ def lfdm(params_path: str = "params.yaml", project_dir: str = ".", force: bool =
         for name in reversed(list(nx.topological_sort(graph))):  # upstream first
             upstream = [futures[dep] for dep in graph.successors(name)]
             futures[name] = run_stage.with_options(name=name, task_run_name=name).submit(
-                name, params_path, force, wait_for=upstream
+                # Prefect's overloads take wait_for only beside an explicit return_state
+                name, params_path, force, wait_for=upstream, return_state=False
             )
         return {name: future.result() for name, future in futures.items()}
 

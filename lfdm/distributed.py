@@ -161,8 +161,10 @@ def _loopback_store() -> Iterator[int]:
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     port = sock.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=sock.detach(),
-                          wait_for_workers=False)
+    # dist.TCPStore is public API, re-exported in a way pyright takes for private
+    store = dist.TCPStore(  # pyright: ignore[reportPrivateImportUsage]
+        "127.0.0.1", port, is_master=True, master_listen_fd=sock.detach(), wait_for_workers=False
+    )
     try:
         yield port
     finally:

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -58,11 +58,15 @@ class TrackingError(UserError, RuntimeError):
     """The tracking store failed and ``tracking.required`` is true."""
 
 
+class _Store(NamedTuple):
+    client: MlflowClient
+    experiment_id: str
+
+
 _required = False  # tracking.required of the latest configure()
 _down = False  # the store failed in this process since the latest configure(): tracking is off
 _uri: str | None = None  # the store of the latest configure()
-_client: MlflowClient | None = None
-_experiment_id: str | None = None
+_opened: _Store | None = None  # the latest store a configure() reached
 _local = threading.local()  # .run_id: the run this thread logs into (the Prefect flow runs stages in threads)
 
 
@@ -96,19 +100,27 @@ def configure(tracking_uri: str | None, experiment: str, required: bool = False)
     goes on untracked), or :class:`TrackingError` when ``required``. The URI goes to an explicit client,
     not to ``mlflow.set_tracking_uri``, which would export it as ``MLFLOW_TRACKING_URI``: that variable
     is the user's, and it would override the params of every later configure() in this process."""
-    global _required, _down, _uri, _experiment_id
+    global _required, _down, _uri, _opened
     _required, _down, _uri = required, False, resolve_uri(tracking_uri)
-    _experiment_id = _call(_open, _uri, experiment)
-    return _experiment_id is not None
+    opened = _call(_open, _uri, experiment)
+    if opened is not None:  # else tracking is down, and no _call reaches a store
+        _opened = opened
+    return opened is not None
 
 
-def _open(uri: str, experiment: str) -> str:
-    global _client
+def _open(uri: str, experiment: str) -> _Store:
     _probe(uri)
-    _client = MlflowClient(uri)  # opens (or creates) a SQLite store: a corrupt file fails here
-    experiment_id = _experiment(experiment, uri)
-    _end_orphans(experiment_id)
-    return experiment_id
+    client = MlflowClient(uri)  # opens (or creates) a SQLite store: a corrupt file fails here
+    experiment_id = _experiment(client, experiment, uri)
+    _end_orphans(client, experiment_id)
+    return _Store(client, experiment_id)
+
+
+def _store() -> _Store:
+    """The store every run lives in: a run id exists only after configure() reached one."""
+    if _opened is None:
+        raise RuntimeError("MLflow tracking is not configured (lfdm.tracking.configure reached no store)")
+    return _opened
 
 
 def _probe(uri: str) -> None:
@@ -136,13 +148,13 @@ def _probe(uri: str) -> None:
         raise answer[0]
 
 
-def _experiment(name: str, uri: str) -> str:
-    if found := _client.get_experiment_by_name(name):
+def _experiment(client: MlflowClient, name: str, uri: str) -> str:
+    if found := client.get_experiment_by_name(name):
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # artifacts beside the database, not in a temporary working directory
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns" / name).as_uri()
-    return _client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location)
 
 
 def _owner() -> dict[str, str]:
@@ -151,17 +163,17 @@ def _owner() -> dict[str, str]:
     return {"lfdm.host": socket.gethostname(), "lfdm.process": f"{me.pid}@{me.create_time()}"}
 
 
-def _end_orphans(experiment_id: str) -> None:
+def _end_orphans(client: MlflowClient, experiment_id: str) -> None:
     """Mark KILLED this host's RUNNING runs whose process no longer exists."""
     running_here = f"attributes.status = 'RUNNING' and tags.`lfdm.host` = '{socket.gethostname()}'"
-    for run in _client.search_runs([experiment_id], running_here):
+    for run in client.search_runs([experiment_id], running_here):
         pid, _, started = run.data.tags.get("lfdm.process", "").partition("@")
         try:
             alive = str(psutil.Process(int(pid)).create_time()) == started
         except (ValueError, psutil.Error):
             alive = False
         if not alive:
-            _client.set_terminated(run.info.run_id, "KILLED")
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _lost(err: BaseException) -> None:
@@ -213,8 +225,9 @@ def _git_commit() -> str | None:
 def _start(run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
     """A RUNNING run in the configured experiment, owned by this process, with ``params`` logged."""
     tags = resolve_tags({**_owner(), **tags})  # adds user and source, as mlflow.start_run does
-    run_id = _client.create_run(_experiment_id, tags=tags, run_name=run_name).info.run_id
-    _client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    store = _store()
+    run_id = store.client.create_run(store.experiment_id, tags=tags, run_name=run_name).info.run_id
+    store.client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
     return run_id
 
 
@@ -269,7 +282,7 @@ def logging_into(run_id: str | None, *ends: str | None) -> Iterator[None]:
     finally:
         _local.run_id = previous
         for end in filter(None, ends):
-            _call(_client.set_terminated, end, status)
+            _call(_store().client.set_terminated, end, status)
 
 
 @contextlib.contextmanager
@@ -296,8 +309,9 @@ def pipeline_run(params: Mapping[str, Any], run_name: str = "pipeline") -> Itera
 def _drop_if_empty(run_id: str) -> None:
     """Delete a parent whose pipeline ran no stage (everything was up to date)."""
     children = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'"
-    if not _client.search_runs([_experiment_id], children, max_results=1):
-        _client.delete_run(run_id)
+    store = _store()
+    if not store.client.search_runs([store.experiment_id], children, max_results=1):
+        store.client.delete_run(run_id)
 
 
 @contextlib.contextmanager
@@ -334,7 +348,7 @@ def _metrics(values: Mapping[str, float], step: int | None = None) -> list[Metri
 
 def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
     if run_id := active_run_id():
-        _call(_client.log_batch, run_id, metrics=_metrics(values, step))
+        _call(_store().client.log_batch, run_id, metrics=_metrics(values, step))
 
 
 def log_results(values: Mapping[str, float], headline: Mapping[str, float] | None = None) -> None:
@@ -345,10 +359,13 @@ def log_results(values: Mapping[str, float], headline: Mapping[str, float] | Non
         return
     counts = [Param(key, str(value)) for key, value in values.items() if isinstance(value, int)]
     measured = {key: value for key, value in values.items() if not isinstance(value, int)}
-    _call(_client.log_batch, run_id, metrics=_metrics(measured), params=counts)
-    run = _call(_client.get_run, run_id) if headline else None
+    client = _store().client
+    _call(client.log_batch, run_id, metrics=_metrics(measured), params=counts)
+    if not headline:
+        return
+    run = _call(client.get_run, run_id)
     if run and (parent := run.data.tags.get(MLFLOW_PARENT_RUN_ID)):
-        _call(_client.log_batch, parent, metrics=_metrics(headline))
+        _call(client.log_batch, parent, metrics=_metrics(headline))
 
 
 def tag_outputs(stage: str) -> None:
@@ -362,20 +379,21 @@ def tag_outputs(stage: str) -> None:
 
     try:
         with Repo(".") as repo:
-            outs = repo.stage.collect(stage)[0].outs
-            tags = {f"dvc.md5.{out.def_path}": out.get_hash().value for out in outs}
+            outs = repo.stage.from_target(stage)[0].outs  # collect(stage)'s list, typed as such
+            # hashing an output builds it, so its hash is set (the type allows None)
+            tags = {f"dvc.md5.{out.def_path}": md5 for out in outs if (md5 := out.get_hash().value)}
     except (DvcException, OSError) as err:
         tqdm.write(f"warning: {stage}: no DVC hashes for its MLflow run: {err}", file=sys.stderr)
         return
-    _call(_client.log_batch, run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    _call(_store().client.log_batch, run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
 def log_image(image: np.ndarray, artifact_file: str) -> None:
     """An ``(H, W, 3)`` uint8 picture as a PNG artifact."""
     if run_id := active_run_id():
-        _call(_client.log_image, run_id, image, artifact_file)
+        _call(_store().client.log_image, run_id, image, artifact_file)
 
 
 def log_file(path: str | Path, artifact_path: str | None = None) -> None:
     if run_id := active_run_id():
-        _call(_client.log_artifact, run_id, str(path), artifact_path)
+        _call(_store().client.log_artifact, run_id, str(path), artifact_path)

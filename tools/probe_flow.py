@@ -70,7 +70,11 @@ def main() -> None:
     with torch.no_grad():
         pairs = to_tensor(np.stack([clip.frames[[0, -1]] for clip in clips]))
         flow = torch.cat([model.flow_predictor(b[:, 0], b[:, 1]).flow for b in pairs.split(16)])
-    truth = torch.from_numpy(np.stack([true_flow(c.camera, 0, len(c.frames) - 1, h, p.data.image_size) for c in clips]))
+    exact_flows = []
+    for clip in clips:
+        assert clip.camera is not None  # every embedded clip has its camera
+        exact_flows.append(true_flow(clip.camera, 0, len(clip.frames) - 1, h, p.data.image_size))
+    truth = torch.from_numpy(np.stack(exact_flows))
     epe = (flow - truth).norm(dim=-1).mean(dim=(1, 2)).numpy()
     still = (identity_grid(h, h) - truth).norm(dim=-1).mean(dim=(1, 2)).numpy()
     fitted, exact = fit_affine(flow), fit_affine(truth)

@@ -135,7 +135,8 @@ def test_two_processes_keep_a_frozen_motion_fixed(tmp_path):
 
     before, _ = load_lfae(project / "init.pt", torch.device("cpu"))
     after, _ = load_lfae(project / "data/models/lfae.pt", torch.device("cpu"))
-    for frozen, trained in zip(before.flow_predictor.motion_modules(), after.flow_predictor.motion_modules()):
+    motion = zip(before.flow_predictor.motion_modules(), after.flow_predictor.motion_modules(), strict=True)
+    for frozen, trained in motion:
         for key, value in frozen.state_dict().items():  # BatchNorm statistics included
             assert torch.equal(value, trained.state_dict()[key]), key
     assert not torch.equal(before.decoder.final.weight, after.decoder.final.weight)
