@@ -55,7 +55,9 @@ def timed(step, batches, steps: int, warmup: int = 2) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -63,16 +65,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     p = load_params(args.params)
     k, batch_size = p.data.num_frames, p.train_dm.batch_size
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}"
+    )
 
     rng = np.random.default_rng(0)
     clips = [c for c in generate_clips(p.data, p.seed) if c.split == "train"][: 4 * batch_size]
-    videos = torch.stack([to_tensor(c.frames[sample_frame_indices(len(c.frames), k, p.data.frame_sampling, rng)])
-                          for c in clips])  # (N, K, 3, H, W)
+    videos = torch.stack(
+        [
+            to_tensor(c.frames[sample_frame_indices(len(c.frames), k, p.data.frame_sampling, rng)])
+            for c in clips
+        ]
+    )  # (N, K, 3, H, W)
     lfae = LatentFlowAutoEncoder(p.lfae).eval()
     h = p.data.image_size // 4
-    diffusion = FlowDiffusion(Unet3D(p.dm.unet, cond_channels=p.lfae.latent_channels, text_dim=TEXT_DIM,
-                                     latent_size=h), p.dm.diffusion).train()
+    diffusion = FlowDiffusion(
+        Unet3D(p.dm.unet, cond_channels=p.lfae.latent_channels, text_dim=TEXT_DIM, latent_size=h),
+        p.dm.diffusion,
+    ).train()
     optimizer = adam(diffusion.parameters(), p.train_dm.lr, p.train_dm.betas)
     text = torch.randn(TEXT_DIM)
 
@@ -83,14 +93,25 @@ def main() -> None:
         optimizer.step()
 
     with tempfile.TemporaryDirectory() as work:
-        store = FlowStore(Path(work) / "flows.zarr", "w", FlowStoreAttrs(
-            num_frames=k, latent_size=h, latent_channels=p.lfae.latent_channels, lfae_checkpoint="", lfae_sha256=""))
+        store = FlowStore(
+            Path(work) / "flows.zarr",
+            "w",
+            FlowStoreAttrs(
+                num_frames=k,
+                latent_size=h,
+                latent_channels=p.lfae.latent_channels,
+                lfae_checkpoint="",
+                lfae_sha256="",
+            ),
+        )
         rows = []
         with torch.inference_mode():
             for i, clip in enumerate(clips):
                 x0, z0 = flows_of(lfae, videos[i : i + 1])
                 store.write(clip.video_id, x0[0].numpy(), z0[0].numpy())
-                rows.append(ManifestRow(clip.video_id, clip.label, clip.subject, "train", k, "", tuple(range(k))))
+                rows.append(
+                    ManifestRow(clip.video_id, clip.label, clip.subject, "train", k, "", tuple(range(k)))
+                )
         dataset = FlowSequenceDataset(store.path, rows, {clip.label: text for clip in clips})
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
         zarr_times = timed(lambda b: dm_step(b["x0"], b["z0"]), BatchStream(loader), args.steps)
@@ -104,7 +125,9 @@ def main() -> None:
     loop_times = timed(in_loop, index_batches, args.steps)
 
     zarr_s, loop_s = statistics.median(zarr_times), statistics.median(loop_times)
-    print(f"shape: batch {batch_size}, K {k}, {p.data.image_size}² frames, latent {h}² × {p.lfae.latent_channels}")
+    print(
+        f"shape: batch {batch_size}, K {k}, {p.data.image_size}² frames, latent {h}² × {p.lfae.latent_channels}"
+    )
     print("| design | s/step (median) | steps/s |")
     print("|---|---|---|")
     print(f"| flows from the Zarr store (ours) | {zarr_s:.3f} | {1 / zarr_s:.2f} |")

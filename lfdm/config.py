@@ -160,7 +160,9 @@ class EquivarianceConfig(Section):
 
 class PerceptualConfig(Section):
     backbone: Literal["mobilenet_v2", "vgg19"] = "mobilenet_v2"
-    weights: str | None = None  # a local .pth; None → the offline package's (mobilenet_v2) or torch hub cache (vgg19)
+    weights: str | None = (
+        None  # a local .pth; None → the offline package's (mobilenet_v2) or torch hub cache (vgg19)
+    )
     scales: tuple[Annotated[float, Field(gt=0, le=1)], ...] = (1.0, 0.5, 0.25, 0.125)  # each 1/n
     weight: float = Field(default=10.0, ge=0)
 
@@ -172,7 +174,9 @@ class PerceptualConfig(Section):
         return tuple(_one_over_n(s) for s in scales)
 
 
-TeacherName = Literal["dis_ultrafast", "dis_fast", "dis_medium", "farneback"]  # OpenCV's methods, lfdm.teacher
+TeacherName = Literal[
+    "dis_ultrafast", "dis_fast", "dis_medium", "farneback"
+]  # OpenCV's methods, lfdm.teacher
 
 
 class PretrainFlowConfig(Section):
@@ -223,8 +227,10 @@ class TrainLFAEConfig(Section):
     @model_validator(mode="after")
     def _frozen_motion_needs_a_warm_start(self) -> TrainLFAEConfig:
         if self.freeze_motion and not self.init:
-            raise ValueError("freeze_motion: true keeps the warm start's flow fixed, so it needs train_lfae.init "
-                             "(set freeze_motion: false to train from scratch)")
+            raise ValueError(
+                "freeze_motion: true keeps the warm start's flow fixed, so it needs train_lfae.init "
+                "(set freeze_motion: false to train from scratch)"
+            )
         return self
 
 
@@ -397,7 +403,9 @@ class PathsConfig(Section):
     samples: str = "data/samples"
     metrics: str = "metrics"
     plots: str = "plots"
-    references: str = "data/references.pt"  # evaluate_references: real-clip features, classifier, static/oracle rows
+    references: str = (
+        "data/references.pt"  # evaluate_references: real-clip features, classifier, static/oracle rows
+    )
     finetune: str = "data/finetune"  # finetune_decoder: new-domain frames, manifest, LFAE with the tuned Ω
     checkpoints: str = "data/checkpoints"  # in-progress training state (resume); not a DVC out
 
@@ -406,7 +414,9 @@ class TrackingConfig(Section):
     enabled: bool = True
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db at the repo root
     experiment: str = "lfdm"
-    required: bool = False  # true: a stage fails, naming the URI, when tracking does (else it goes on untracked)
+    required: bool = (
+        False  # true: a stage fails, naming the URI, when tracking does (else it goes on untracked)
+    )
 
 
 class ParallelConfig(Section):
@@ -471,12 +481,15 @@ class Params(Section):
             )
         if self.finetune_decoder.enabled:
             if not self.finetune_decoder.root:
-                raise ValueError("finetune_decoder.root: the new domain's directory is needed when fine-tuning is enabled")
+                raise ValueError(
+                    "finetune_decoder.root: the new domain's directory is needed when fine-tuning is enabled"
+                )
             try:
                 _ = self.finetune_data  # validates the new domain's data section
             except ValidationError as err:
                 raise ValueError(
-                    "finetune_decoder: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+                    "finetune_decoder: "
+                    + "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
                 ) from None
         return self
 

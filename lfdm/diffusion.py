@@ -249,12 +249,25 @@ class FlowDiffusion(nn.Module):
 
 
 def save_dm(
-    path: str | Path, diffusion: FlowDiffusion, cfg: DMConfig, *, cond_channels: int, text_dim: int,
-    num_frames: int, latent_size: int, step: int,
+    path: str | Path,
+    diffusion: FlowDiffusion,
+    cfg: DMConfig,
+    *,
+    cond_channels: int,
+    text_dim: int,
+    num_frames: int,
+    latent_size: int,
+    step: int,
 ) -> None:
     save_checkpoint(
-        path, model=diffusion.state_dict(), config=cfg.model_dump(mode="json"), cond_channels=cond_channels,
-        text_dim=text_dim, num_frames=num_frames, latent_size=latent_size, step=step,
+        path,
+        model=diffusion.state_dict(),
+        config=cfg.model_dump(mode="json"),
+        cond_channels=cond_channels,
+        text_dim=text_dim,
+        num_frames=num_frames,
+        latent_size=latent_size,
+        step=step,
     )
 
 
@@ -265,7 +278,10 @@ def load_dm(path: str | Path, device: torch.device) -> tuple[FlowDiffusion, dict
     ckpt["config"]["diffusion"].setdefault("displacement_range", 1.0)
     cfg = DMConfig.model_validate(ckpt["config"])
     denoiser = Unet3D(
-        cfg.unet, cond_channels=ckpt["cond_channels"], text_dim=ckpt["text_dim"], latent_size=ckpt["latent_size"]
+        cfg.unet,
+        cond_channels=ckpt["cond_channels"],
+        text_dim=ckpt["text_dim"],
+        latent_size=ckpt["latent_size"],
     )
     diffusion = FlowDiffusion(denoiser, cfg.diffusion)
     diffusion.load_state_dict(ckpt.pop("model"))

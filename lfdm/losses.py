@@ -326,11 +326,15 @@ def distillation_loss(
         where = region_gaussians(motion.driving_regions, grid)
         where = where / where.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)  # each region's pixels sum to 1
         regions = motion.motions[:, 1 : 1 + where.shape[1]]  # after the background, before a local motion
-        losses["regions"] = cfg.region_weight * _robust_epe(regions, teacher_grid[:, None], where * weight[:, None])
+        losses["regions"] = cfg.region_weight * _robust_epe(
+            regions, teacher_grid[:, None], where * weight[:, None]
+        )
     if cfg.occlusion_weight:
         visible = reliable * (teacher_grid.abs() <= 1).all(-1, keepdim=True).permute(0, 3, 1, 2)
         losses["occlusion"] = cfg.occlusion_weight * F.binary_cross_entropy(
             motion.occlusion.float().clamp(1e-6, 1 - 1e-6), visible
         )
-    losses |= equivariance_loss(flow_predictor.region_predictor, driving, motion.driving_regions, cfg.equivariance)
+    losses |= equivariance_loss(
+        flow_predictor.region_predictor, driving, motion.driving_regions, cfg.equivariance
+    )
     return _with_total(losses)

@@ -122,7 +122,10 @@ class LFDMPipeline:
     prompts) are embedded on the fly with the same BERT checkpoint that made the table."""
 
     def __init__(
-        self, config: PipelineConfig, lfae: LatentFlowAutoEncoder, diffusion: FlowDiffusion,
+        self,
+        config: PipelineConfig,
+        lfae: LatentFlowAutoEncoder,
+        diffusion: FlowDiffusion,
         embeddings: dict[str, torch.Tensor],
     ) -> None:
         if wrong := [label for label, vector in embeddings.items() if vector.shape != (config.text_dim,)]:
@@ -137,7 +140,9 @@ class LFDMPipeline:
     ) -> LFDMPipeline:
         """Untrained networks of ``config``'s shape."""
         denoiser = Unet3D(
-            config.dm.unet, cond_channels=config.lfae.latent_channels, text_dim=config.text_dim,
+            config.dm.unet,
+            cond_channels=config.lfae.latent_channels,
+            text_dim=config.text_dim,
             latent_size=config.image_size // 4,
         )
         diffusion = FlowDiffusion(denoiser, config.dm.diffusion)
@@ -145,8 +150,13 @@ class LFDMPipeline:
 
     @classmethod
     def from_checkpoints(
-        cls, lfae_path: str | Path, dm_path: str | Path, embeddings_path: str | Path | None,
-        text: TextConfig, device: torch.device, sampler: SamplerConfig | None = None,
+        cls,
+        lfae_path: str | Path,
+        dm_path: str | Path,
+        embeddings_path: str | Path | None,
+        text: TextConfig,
+        device: torch.device,
+        sampler: SamplerConfig | None = None,
     ) -> LFDMPipeline:
         """The pipeline stages' checkpoints (``paths.lfae``, ``paths.dm``, ``paths.embeddings``)."""
         # here, not at the top: it imports the data package, which inference needs nothing else of
@@ -161,9 +171,13 @@ class LFDMPipeline:
                 f"channels, {lfae_path} makes {latent}px latents of {lfae.cfg.latent_channels}"
             )
         config = PipelineConfig(
-            image_size=lfae_meta["image_size"], num_frames=dm_meta["num_frames"],
-            text_dim=dm_meta["text_dim"], lfae=lfae.cfg, dm=DMConfig.model_validate(dm_meta["config"]),
-            text=text, sampler=sampler or SamplerConfig(),
+            image_size=lfae_meta["image_size"],
+            num_frames=dm_meta["num_frames"],
+            text_dim=dm_meta["text_dim"],
+            lfae=lfae.cfg,
+            dm=DMConfig.model_validate(dm_meta["config"]),
+            text=text,
+            sampler=sampler or SamplerConfig(),
         )
         table = Path(embeddings_path) if embeddings_path is not None else None
         embeddings = load_embeddings(table) if table is not None and table.exists() else {}
@@ -171,8 +185,12 @@ class LFDMPipeline:
 
     @classmethod
     def from_params(
-        cls, params: str | Path = "params.yaml", device: str | torch.device | None = None, *,
-        lfae: str | Path | None = None, dm: str | Path | None = None,
+        cls,
+        params: str | Path = "params.yaml",
+        device: str | torch.device | None = None,
+        *,
+        lfae: str | Path | None = None,
+        dm: str | Path | None = None,
     ) -> LFDMPipeline:
         """The models a pipeline run trained, as ``params`` names them: its paths are relative to its folder
         (where DVC runs the stages), the LFAE is the one ``sample.decoder`` selects (``lfae`` and ``dm``
@@ -216,8 +234,10 @@ class LFDMPipeline:
             for module, name in ((pipe.lfae, "lfae"), (pipe.diffusion, "dm")):
                 missing, unexpected = load_model(module, directory / f"{name}.safetensors", strict=False)
                 if missing or unexpected:
-                    raise ValueError(f"{name}.safetensors does not fit {CONFIG_NAME}: missing "
-                                     f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+                    raise ValueError(
+                        f"{name}.safetensors does not fit {CONFIG_NAME}: missing "
+                        f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+                    )
         except (OSError, RuntimeError, SafetensorError, ValueError, KeyError) as err:
             raise UnreadableInput(f"{directory}: unreadable saved pipeline: {err}") from None
         return pipe.to(device)
@@ -273,8 +293,12 @@ class LFDMPipeline:
         return torch.stack([self.embeddings[label] for label in labels]).to(self.device)
 
     def sampler_config(
-        self, sampler: SamplerName | SamplerConfig | None = None, *, num_inference_steps: int | None = None,
-        guidance_scale: float | None = None, eta: float | None = None,
+        self,
+        sampler: SamplerName | SamplerConfig | None = None,
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
         timestep_spacing: TimestepSpacing | None = None,
     ) -> SamplerConfig:
         """What a call with these arguments runs: ``sampler`` (a whole config, a name, or None for
@@ -283,13 +307,18 @@ class LFDMPipeline:
         training timestep (a config's ``steps`` is ignored there, as ``sample.steps`` is)."""
         base = sampler if isinstance(sampler, SamplerConfig) else self.config.sampler
         chosen = sampler_config(
-            base, sampler=None if isinstance(sampler, SamplerConfig) else sampler, steps=num_inference_steps,
-            guidance=guidance_scale, eta=eta, timestep_spacing=timestep_spacing,
+            base,
+            sampler=None if isinstance(sampler, SamplerConfig) else sampler,
+            steps=num_inference_steps,
+            guidance=guidance_scale,
+            eta=eta,
+            timestep_spacing=timestep_spacing,
         )
         timesteps = self.diffusion.cfg.timesteps
         if chosen.sampler == "ddpm" and num_inference_steps not in (None, timesteps):
             raise SamplerOptionError(
-                "steps", f"ddpm samples all {timesteps} training timesteps; ddim, dpmsolver++ or "
+                "steps",
+                f"ddpm samples all {timesteps} training timesteps; ddim, dpmsolver++ or "
                 "sde-dpmsolver++ take fewer",
             )
         if chosen.sampler != "ddpm" and chosen.steps > timesteps:
@@ -305,7 +334,9 @@ class LFDMPipeline:
     def preprocess(self, image: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> torch.Tensor:
         """One image, a sequence of them, or a batch ``(B, C, H, W)`` tensor / ``(B, H, W, C)`` array →
         ``(B, 3, S, S)`` in [0, 1] on the pipeline's device (:func:`load_image` each)."""
-        if isinstance(image, (list, tuple)) or (isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4):
+        if isinstance(image, (list, tuple)) or (
+            isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4
+        ):
             images: list[ImageInput] = list(image)
         else:
             images = [image]
@@ -332,7 +363,10 @@ class LFDMPipeline:
         (:meth:`sampler_config`); ``generator`` (on the pipeline's device) fixes the noise, ``progress``
         shows a bar over the sampling steps."""
         chosen = self.sampler_config(
-            sampler, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+            sampler,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
             timestep_spacing=timestep_spacing,
         )
         images = self.preprocess(image)
@@ -345,8 +379,12 @@ class LFDMPipeline:
             raise ValueError(f"prompt: {bad[0]!r} is no text; give the motion, e.g. 'zoom in'")
         features = self.lfae.encode(images)
         x = self.diffusion.sample(
-            features.latent, self.embed(labels), num_frames=self.num_frames, sampler=chosen,
-            generator=generator, progress=progress,
+            features.latent,
+            self.embed(labels),
+            num_frames=self.num_frames,
+            sampler=chosen,
+            generator=generator,
+            progress=progress,
         )
         if not torch.isfinite(x).all():  # a huge guidance overflows: say so rather than decode black frames
             guidance = chosen.guidance
@@ -354,7 +392,10 @@ class LFDMPipeline:
         grid, occlusion = from_diffusion_tensor(x)
         k = self.num_frames  # every frame warps its own clip's x0 (never the previous frame)
         frames = self.lfae.decode(
-            features.repeat_interleave(k), images.repeat_interleave(k, 0), grid.flatten(0, 1), occlusion.flatten(0, 1)
+            features.repeat_interleave(k),
+            images.repeat_interleave(k, 0),
+            grid.flatten(0, 1),
+            occlusion.flatten(0, 1),
         )
         return Generation(
             videos=frames.unflatten(0, (len(labels), k)), flow=grid, occlusion=occlusion, z0=features.latent

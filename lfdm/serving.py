@@ -40,8 +40,22 @@ from lfdm.viz import to_uint8
 PIPELINE_ARTIFACT = "pipeline"
 FPS = 8
 # what the pipeline imports, pinned to this environment's versions; lfdm itself travels as code_paths
-REQUIREMENTS = ("torch", "torchvision", "diffusers", "transformers", "safetensors", "einops", "av", "numpy",
-                "pillow", "pydantic", "pyyaml", "tqdm", "pandas", "mlflow")
+REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "safetensors",
+    "einops",
+    "av",
+    "numpy",
+    "pillow",
+    "pydantic",
+    "pyyaml",
+    "tqdm",
+    "pandas",
+    "mlflow",
+)
 
 
 def signature(pipe: LFDMPipeline) -> ModelSignature:
@@ -50,11 +64,13 @@ def signature(pipe: LFDMPipeline) -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image"), ColSpec("string", "label")]),
         outputs=Schema([ColSpec(Array(Array(Array(Array("integer")))), "video"), ColSpec("string", "mp4")]),
-        params=ParamSchema([
-            ParamSpec("steps", "long", pipe.inference_steps(sampler)),
-            ParamSpec("guidance", "double", sampler.guidance),
-            ParamSpec("seed", "long", 0),
-        ]),
+        params=ParamSchema(
+            [
+                ParamSpec("steps", "long", pipe.inference_steps(sampler)),
+                ParamSpec("guidance", "double", sampler.guidance),
+                ParamSpec("seed", "long", 0),
+            ]
+        ),
     )
 
 
@@ -104,7 +120,9 @@ class LFDMModel(PythonModel):
         self.pipe = LFDMPipeline.from_pretrained(context.artifacts[PIPELINE_ARTIFACT], device)
 
     def predict(
-        self, context: PythonModelContext, model_input: pd.DataFrame,
+        self,
+        context: PythonModelContext,
+        model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         params = params or {}
@@ -124,12 +142,16 @@ class LFDMModel(PythonModel):
             except MlflowException as err:
                 raise bad_request(err.message + (f" (row {i})" if len(rows) > 1 else "")) from None
         try:
-            return [self._generate(image, label, options, seed + i) for i, (image, label) in enumerate(inputs)]
+            return [
+                self._generate(image, label, options, seed + i) for i, (image, label) in enumerate(inputs)
+            ]
         except (OSError, ValueError, RuntimeError, ArithmeticError) as err:
             raise MlflowException(f"generation failed: {err}", error_code=INTERNAL_ERROR) from None
 
     def _generate(self, image: np.ndarray, label: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
-        gen = self.pipe(image, label, generator=torch.Generator(self.pipe.device).manual_seed(seed), **options)
+        gen = self.pipe(
+            image, label, generator=torch.Generator(self.pipe.device).manual_seed(seed), **options
+        )
         with tempfile.TemporaryDirectory() as tmp:
             mp4 = gen.save_video(Path(tmp) / "video.mp4", fps=FPS).read_bytes()
         return {"video": gen.frames(0), "mp4": base64.b64encode(mp4).decode()}
@@ -156,8 +178,12 @@ def log_pipeline(
     with tempfile.TemporaryDirectory() as tmp:
         saved = pipe.save_pretrained(Path(tmp) / PIPELINE_ARTIFACT)
         return mlflow.pyfunc.log_model(
-            name=name, python_model=LFDMModel(), artifacts={PIPELINE_ARTIFACT: str(saved)},
-            signature=signature(pipe), input_example=input_example(pipe), code_paths=[str(Path(__file__).parent)],
+            name=name,
+            python_model=LFDMModel(),
+            artifacts={PIPELINE_ARTIFACT: str(saved)},
+            signature=signature(pipe),
+            input_example=input_example(pipe),
+            code_paths=[str(Path(__file__).parent)],
             pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
             model_config={"device": "auto"},  # the keys load_model / SERVING_MODEL_CONFIG may set
             registered_model_name=registered_model_name,

@@ -28,6 +28,8 @@ def batch_shards(items: Sequence[S], batch_size: int, shards: int) -> list[list[
 
     Every shard holds whole batches ``(batch index, items)``, so a batch is the same however the work is
     sharded, and a stage that seeds each batch by its index gives the same output for any shard count."""
-    batches = [(i, items[start : start + batch_size]) for i, start in enumerate(range(0, len(items), batch_size))]
+    batches = [
+        (i, items[start : start + batch_size]) for i, start in enumerate(range(0, len(items), batch_size))
+    ]
     per_shard = -(-len(batches) // max(1, shards)) if batches else 1
     return [batches[start : start + per_shard] for start in range(0, len(batches), per_shard)]

@@ -107,7 +107,11 @@ def _odd_pad(x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
 
 
 def teacher_flows(
-    sources: np.ndarray, drivings: np.ndarray, latent_size: int, method: TeacherName = "dis_medium", scale: int = 1
+    sources: np.ndarray,
+    drivings: np.ndarray,
+    latent_size: int,
+    method: TeacherName = "dis_medium",
+    scale: int = 1,
 ) -> tuple[TeacherFlow, TeacherFlow]:
     """The teacher's flows for frame pairs ``sources[i], drivings[i]`` (``(N, H, W, 3)`` uint8 each), both ways:
     backward (driving → source, what F predicts for the pair) and forward (source → driving, the reversed

@@ -36,9 +36,7 @@ class BertEmbedder:
         self.path = Path(cfg.checkpoint) if cfg.checkpoint is not None else default_checkpoint()
         self.device = torch.device(device if device is not None else "cpu")
         if not self.path.is_dir():
-            raise MissingInput(
-                f"text.checkpoint: {self.path} is not a directory (expected a BERT model)"
-            )
+            raise MissingInput(f"text.checkpoint: {self.path} is not a directory (expected a BERT model)")
         try:
             config = AutoConfig.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError) as err:
@@ -84,7 +82,11 @@ def save_embeddings(path: str | Path, table: dict[str, torch.Tensor], *, checkpo
 
     vectors = torch.stack(list(table.values())).float()
     save_checkpoint(
-        path, labels=list(table), embeddings=vectors, null=torch.zeros(vectors.shape[1]), checkpoint=checkpoint
+        path,
+        labels=list(table),
+        embeddings=vectors,
+        null=torch.zeros(vectors.shape[1]),
+        checkpoint=checkpoint,
     )
 
 

@@ -186,8 +186,10 @@ def _lost(err: BaseException) -> None:
     if not _down:
         _down = True
         # tqdm.write: on a line of its own, not after a training stage's progress bar
-        tqdm.write(f"warning: {message}; going on untracked (tracking.required: true makes this an error)",
-                   file=sys.stderr)
+        tqdm.write(
+            f"warning: {message}; going on untracked (tracking.required: true makes this an error)",
+            file=sys.stderr,
+        )
 
 
 def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:

@@ -91,8 +91,12 @@ def sharded_loader(
     )
     # a share smaller than one batch still trains (one short batch per epoch) instead of yielding nothing
     return DataLoader(
-        dataset, batch_size=local, sampler=sampler, drop_last=len(sampler) >= local,
-        num_workers=num_workers, generator=generator,
+        dataset,
+        batch_size=local,
+        sampler=sampler,
+        drop_last=len(sampler) >= local,
+        num_workers=num_workers,
+        generator=generator,
     )
 
 
@@ -145,7 +149,9 @@ class BatchStream:
         generator = self.loader.generator
         if self._resumed_generator is not None:
             if generator is None:
-                raise TypeError("the stream's position holds a loader generator's state; this loader has none")
+                raise TypeError(
+                    "the stream's position holds a loader generator's state; this loader has none"
+                )
             generator.set_state(self._resumed_generator)
             self._resumed_generator = None
         self._generator_state = generator.get_state() if generator is not None else None
@@ -237,7 +243,9 @@ class TrainingState:
         """Refuse weights with an inf/NaN (before they are saved), naming the first such tensor and the step."""
         for name, tensor in self.model.state_dict().items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise TrainingDiverged(f"{self.path.stem}: {name} holds inf/NaN values after step {self.step}")
+                raise TrainingDiverged(
+                    f"{self.path.stem}: {name} holds inf/NaN values after step {self.step}"
+                )
 
     def save(self) -> None:
         self.check_finite()
@@ -282,10 +290,14 @@ def fit(
     """
     state.batches = BatchStream(loader)
     state.resume()
-    with tqdm(total=cfg.steps, initial=state.step, desc=name, unit="step", disable=not distributed.is_main()) as bar:
+    with tqdm(
+        total=cfg.steps, initial=state.step, desc=name, unit="step", disable=not distributed.is_main()
+    ) as bar:
         while state.step < cfg.steps:
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in next(state.batches).items()}
+            batch = {
+                k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in next(state.batches).items()
+            }
             with autocast(device, precision):
                 losses = loss(batch)
             if not torch.isfinite(losses[objective]):  # a host sync per step: cheap next to a training step
@@ -317,8 +329,13 @@ def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "numpy": {**numpy_state, "state": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-                                           "pos": numpy_state["state"]["pos"]}},
+        "numpy": {
+            **numpy_state,
+            "state": {
+                "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                "pos": numpy_state["state"]["pos"],
+            },
+        },
         "python": random.getstate(),
     }
 
@@ -328,8 +345,10 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
     numpy_state = dict(state["numpy"])
-    numpy_state["state"] = {"key": numpy_state["state"]["key"].numpy().astype(np.uint32),
-                            "pos": numpy_state["state"]["pos"]}
+    numpy_state["state"] = {
+        "key": numpy_state["state"]["key"].numpy().astype(np.uint32),
+        "pos": numpy_state["state"]["pos"],
+    }
     np.random.set_state(numpy_state)
     random.setstate(state["python"])
 

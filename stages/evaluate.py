@@ -79,8 +79,11 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
     device, cfg = resolve_device(p.device), p.evaluate
     tests = read_manifest(p.paths.manifest, split="test")
     references = References.load(
-        p.paths.references, video_ids=[r.video_id for r in tests], frames=len(tests[0].frame_indices),
-        classifier_size=cfg.classifier_size, device=device,
+        p.paths.references,
+        video_ids=[r.video_id for r in tests],
+        frames=len(tests[0].frame_indices),
+        classifier_size=cfg.classifier_size,
+        device=device,
     )
     generated_ids = {row.source for row in read_manifest(Path(p.paths.samples) / "manifest.parquet")}
     seen = [r for r in read_manifest(p.paths.manifest, split="train") if r.video_id in generated_ids]
@@ -97,18 +100,26 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
     }
     l1 = concatenated([part.l1 for part in test])
     metrics: dict[str, float] = {
-        "test_videos": len(tests), "flow_cosine": float(np.mean([c for part in test for c in part.cosines])),
-        **references.metrics, **method_metrics("lfdm", references.real, generated, l1, labels, subjects),
-        "accuracy/lfdm": accuracy(references.classifier, references.classes,
-                                  concatenated([part.classifier_input for part in test]), labels),
+        "test_videos": len(tests),
+        "flow_cosine": float(np.mean([c for part in test for c in part.cosines])),
+        **references.metrics,
+        **method_metrics("lfdm", references.real, generated, l1, labels, subjects),
+        "accuracy/lfdm": accuracy(
+            references.classifier,
+            references.classes,
+            concatenated([part.classifier_input for part in test]),
+            labels,
+        ),
     }
 
     if seen_parts := [part for (kind, _), part in zip(jobs, parts, strict=True) if kind == "seen"]:
         unseen = np.linspace(0, len(tests) - 1, min(len(seen), len(tests))).round().astype(int)
-        metrics["fvd_seen/lfdm"] = feature_frechet_distance(*(
-            concatenated([part.i3d[name] for part in seen_parts]) for name in ("real", "lfdm")
-        ))
-        metrics["fvd_unseen/lfdm"] = feature_frechet_distance(references.real["i3d"][unseen], generated["i3d"][unseen])
+        metrics["fvd_seen/lfdm"] = feature_frechet_distance(
+            *(concatenated([part.i3d[name] for part in seen_parts]) for name in ("real", "lfdm"))
+        )
+        metrics["fvd_unseen/lfdm"] = feature_frechet_distance(
+            references.real["i3d"][unseen], generated["i3d"][unseen]
+        )
         metrics["seen_videos"] = len(seen)
 
     grid = torch.cat([part.grid for part in test])[: cfg.max_grid_videos]
@@ -126,11 +137,16 @@ def evaluate_shard(p: Params, job: tuple[str, list[tuple[int, list[ManifestRow]]
     i3d = I3DFeatures(load_i3d().to(device), batch_size=cfg.batch_size)
     videos = {"real": real, "lfdm": generated} if kind == "seen" else {"lfdm": generated}
     result = ShardResult(
-        i3d={name: i3d(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False)) for name, v in videos.items()}
+        i3d={
+            name: i3d(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False))
+            for name, v in videos.items()
+        }
     )
     if kind == "seen":
         return result
-    result.mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)(generated[:, 1:].flatten(0, 1))
+    result.mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)(
+        generated[:, 1:].flatten(0, 1)
+    )
     result.l1 = per_frame_l1(generated, real)
     result.classifier_input = downsized(generated, cfg.classifier_size)
     result.cosines = cosines
@@ -144,28 +160,41 @@ def collect_videos(p: Params, rows: list[ManifestRow]) -> tuple[torch.Tensor, to
     samples_dir = Path(p.paths.samples)
     real, generated = FrameStore(p.paths.frames), FrameStore(samples_dir / "frames.zarr")
     real_flows, generated_flows = FlowStore(p.paths.flows), FlowStore(samples_dir / "flows.zarr")
-    sample_of = {row.source: row for row in read_manifest(samples_dir / "manifest.parquet") if row.source == row.video_id}
+    sample_of = {
+        row.source: row
+        for row in read_manifest(samples_dir / "manifest.parquet")
+        if row.source == row.video_id
+    }
     real_videos, generated_videos, cosines = [], [], []
     for row in tqdm(rows, desc="evaluate: read", unit="clip"):
         generated_id = sample_of[row.video_id].video_id
         real_videos.append(stored_frames(real, row))
         generated_videos.append(stored_frames(generated, generated_id))
         (flow, _), (generated_flow, _) = real_flows.read(row.video_id), generated_flows.read(generated_id)
-        cosines.append(F.cosine_similarity(
-            mean_trajectory(torch.from_numpy(generated_flow)), mean_trajectory(torch.from_numpy(flow)), dim=0
-        ).item())
+        cosines.append(
+            F.cosine_similarity(
+                mean_trajectory(torch.from_numpy(generated_flow)),
+                mean_trajectory(torch.from_numpy(flow)),
+                dim=0,
+            ).item()
+        )
     return torch.stack(real_videos), torch.stack(generated_videos), cosines
 
 
-def write_outputs(p: Params, metrics: dict[str, float], per_frame: dict[str, torch.Tensor], pairs: torch.Tensor) -> None:
+def write_outputs(
+    p: Params, metrics: dict[str, float], per_frame: dict[str, torch.Tensor], pairs: torch.Tensor
+) -> None:
     """Table, per-frame L1 curves and the real | generated grid of ``pairs`` (uint8 (n, K, 3, H, 2W))."""
     plots, metrics_dir = Path(p.paths.plots), Path(p.paths.metrics)
     plots.mkdir(parents=True, exist_ok=True)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     curves = {m: per_frame[m].mean(dim=0).tolist() for m in METHODS}
-    (plots / "evaluate_l1_per_frame.json").write_text(json.dumps(
-        [{"frame": i + 1, **{m: curves[m][i] for m in METHODS}} for i in range(len(curves["lfdm"]))], indent=1
-    ))
+    (plots / "evaluate_l1_per_frame.json").write_text(
+        json.dumps(
+            [{"frame": i + 1, **{m: curves[m][i] for m in METHODS}} for i in range(len(curves["lfdm"]))],
+            indent=1,
+        )
+    )
     table = metrics_dir / "evaluate_table.md"
     table.write_text(results_table(metrics))
     tracking.log_file(table)
@@ -177,17 +206,27 @@ def write_outputs(p: Params, metrics: dict[str, float], per_frame: dict[str, tor
 
 def results_table(metrics: dict[str, float]) -> str:
     """The evaluate metrics as a Markdown table, one row per method."""
-    def grouped(key: str, m: str) -> str:
-        return f"{metrics[f'{key}/{m}']:.1f} ± {metrics[f'{key}_std/{m}']:.1f}" if f"{key}/{m}" in metrics else "n/a"
 
-    rows = ["| method | FVD ↓ | cFVD ↓ | sFVD ↓ | accuracy ↑ | fid_mobilenetv2 ↓ | L1 ↓ |", "|---|---|---|---|---|---|---|"]
+    def grouped(key: str, m: str) -> str:
+        return (
+            f"{metrics[f'{key}/{m}']:.1f} ± {metrics[f'{key}_std/{m}']:.1f}"
+            if f"{key}/{m}" in metrics
+            else "n/a"
+        )
+
+    rows = [
+        "| method | FVD ↓ | cFVD ↓ | sFVD ↓ | accuracy ↑ | fid_mobilenetv2 ↓ | L1 ↓ |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in METHODS:
         rows.append(
             f"| {m} | {metrics[f'fvd/{m}']:.1f} | {grouped('cfvd', m)} | {grouped('sfvd', m)} "
             f"| {metrics[f'accuracy/{m}']:.3f} | {metrics[f'fid_mobilenetv2/{m}']:.2f} | {metrics[f'l1/{m}']:.4f} |"
         )
     rows.append(f"| real (ceiling) | 0 | 0 | 0 | {metrics['accuracy/real']:.3f} | 0 | 0 |")
-    notes = [f"{metrics['test_videos']} test videos; flow cosine (lfdm vs real) {metrics['flow_cosine']:.3f}."]
+    notes = [
+        f"{metrics['test_videos']} test videos; flow cosine (lfdm vs real) {metrics['flow_cosine']:.3f}."
+    ]
     if "seen_videos" in metrics:
         notes.append(
             f"Seen vs unseen images ({metrics['seen_videos']} videos each): FVD {metrics['fvd_seen/lfdm']:.1f} "

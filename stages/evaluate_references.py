@@ -46,7 +46,10 @@ class ShardResult:
 
 def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str, float]:
     device, cfg = resolve_device(p.device), p.evaluate
-    tests, train = read_manifest(p.paths.manifest, split="test"), read_manifest(p.paths.manifest, split="train")
+    tests, train = (
+        read_manifest(p.paths.manifest, split="test"),
+        read_manifest(p.paths.manifest, split="train"),
+    )
     parts = map_shards(functools.partial(reference_shard, p), batch_shards(tests, cfg.batch_size, shards))
 
     def joined(key: str, name: str):
@@ -62,15 +65,23 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
 
     frames = FrameStore(p.paths.frames)
     classifier, classes = train_classifier(
-        downsized(torch.stack([stored_frames(frames, r) for r in train]), cfg.classifier_size), [r.label for r in train],
-        steps=cfg.classifier_steps, seed=p.seed, device=device,
+        downsized(torch.stack([stored_frames(frames, r) for r in train]), cfg.classifier_size),
+        [r.label for r in train],
+        steps=cfg.classifier_steps,
+        seed=p.seed,
+        device=device,
     )
     for name in ("real", *REFERENCE_METHODS):
         metrics[f"accuracy/{name}"] = accuracy(classifier, classes, joined("classifier_input", name), labels)
 
     References(
-        video_ids=[r.video_id for r in tests], real=real, l1=l1,
-        classifier=classifier.cpu(), classes=classes, classifier_size=cfg.classifier_size, metrics=metrics,
+        video_ids=[r.video_id for r in tests],
+        real=real,
+        l1=l1,
+        classifier=classifier.cpu(),
+        classes=classes,
+        classifier_size=cfg.classifier_size,
+        metrics=metrics,
     ).save(p.paths.references)
     return metrics
 
@@ -82,7 +93,10 @@ def reference_shard(p: Params, batches: list[tuple[int, list[ManifestRow]]]) -> 
     mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)
     real = videos["real"]
     return ShardResult(
-        i3d={name: i3d(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False)) for name, v in videos.items()},
+        i3d={
+            name: i3d(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False))
+            for name, v in videos.items()
+        },
         mobilenet={
             "real": mobilenet(real[:, 1:].flatten(0, 1)),
             "oracle": mobilenet(videos["oracle"][:, 1:].flatten(0, 1)),

@@ -24,8 +24,10 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
     lfae, meta = load_lfae(p.paths.lfae, torch.device("cpu"))
     rows = read_manifest(p.paths.manifest)
     attrs = FlowStoreAttrs(
-        num_frames=p.data.num_frames, latent_size=meta["image_size"] // 4,
-        latent_channels=lfae.cfg.latent_channels, lfae_checkpoint=p.paths.lfae,
+        num_frames=p.data.num_frames,
+        latent_size=meta["image_size"] // 4,
+        latent_channels=lfae.cfg.latent_channels,
+        lfae_checkpoint=p.paths.lfae,
         lfae_sha256=hashlib.sha256(Path(p.paths.lfae).read_bytes()).hexdigest(),
     )
     FlowStore(p.paths.flows, "w", attrs)
@@ -38,9 +40,14 @@ def extract_shard(p: Params, batches: Sequence[tuple[int, Sequence[ManifestRow]]
     device = resolve_device(p.device)
     lfae, _ = load_lfae(p.paths.lfae, device)
     frames, store = FrameStore(p.paths.frames), FlowStore(p.paths.flows, "r+")
-    with torch.inference_mode(), tqdm(total=sum(len(b) for _, b in batches), desc="extract_flow", unit="clip") as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(total=sum(len(b) for _, b in batches), desc="extract_flow", unit="clip") as bar,
+    ):
         for _, batch in batches:
-            clips = torch.stack([to_tensor(frames.read(row.video_id, row.frame_indices)) for row in batch]).to(device)
+            clips = torch.stack(
+                [to_tensor(frames.read(row.video_id, row.frame_indices)) for row in batch]
+            ).to(device)
             b, k = clips.shape[:2]  # (B, K, 3, H, W)
             driving = clips.flatten(0, 1)
             source = clips[:, :1].expand_as(clips).flatten(0, 1)  # every frame against its clip's x0

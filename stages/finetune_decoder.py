@@ -45,7 +45,9 @@ def run(p: Params) -> dict[str, float]:
     device = resolve_device(p.device)
     generator = seed_everything(p.seed)
     frames, manifest = out / "frames.zarr", out / "manifest.parquet"
-    prepared = prepare_dataset(p.finetune_data, p.seed, frames, manifest, out / "skipped.json", key="finetune_decoder")
+    prepared = prepare_dataset(
+        p.finetune_data, p.seed, frames, manifest, out / "skipped.json", key="finetune_decoder"
+    )
     trained, meta = load_lfae(p.paths.lfae, device)
     if meta["image_size"] != p.data.image_size:
         raise ValueError(
@@ -58,37 +60,62 @@ def run(p: Params) -> dict[str, float]:
 
     pairs = FramePairDataset(FrameStore(frames), read_manifest(manifest, split="train"), seed=p.seed)
     loader = sharded_loader(
-        pairs, cfg.batch_size, "finetune_decoder.batch_size", seed=p.seed, num_workers=cfg.num_workers,
+        pairs,
+        cfg.batch_size,
+        "finetune_decoder.batch_size",
+        seed=p.seed,
+        num_workers=cfg.num_workers,
         generator=generator,
     )
     perceptual = PerceptualLoss(p.train_lfae.perceptual).to(device)
     optimizer = adam(model.decoder.parameters(), cfg.lr, cfg.betas)
     schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    config = p.model_dump(mode="json", include={"seed", "data", "finetune_decoder"}) | {"lfae_step": meta["step"]}
-    state = TrainingState(Path(p.paths.checkpoints) / "finetune_decoder.pt", model, optimizer, schedule, config)
+    config = p.model_dump(mode="json", include={"seed", "data", "finetune_decoder"}) | {
+        "lfae_step": meta["step"]
+    }
+    state = TrainingState(
+        Path(p.paths.checkpoints) / "finetune_decoder.pt", model, optimizer, schedule, config
+    )
 
     def loss(batch: dict) -> dict[str, torch.Tensor]:
         source, driving = batch["source"], batch["driving"]
         with torch.no_grad():  # Φ and F are frozen: no graph through them
             features, motion = model.encode(source), model.flow_predictor(source, driving)
-        return {"perceptual": perceptual(model.decode(features, source, motion.flow, motion.occlusion), driving)}
-
+        return {
+            "perceptual": perceptual(model.decode(features, source, motion.flow, motion.occlusion), driving)
+        }
 
     model.decoder.train()
-    fit("finetune_decoder", state, loader, loss, cfg, objective="perceptual", device=device, precision=p.precision)
+    fit(
+        "finetune_decoder",
+        state,
+        loader,
+        loss,
+        cfg,
+        objective="perceptual",
+        device=device,
+        precision=p.precision,
+    )
     model.eval()
     save_lfae(finetuned_lfae_path(p), model, model.cfg, image_size=p.data.image_size, step=state.step)
     state.write_plot(Path(p.paths.plots) / "finetune_decoder.tsv")
     state.finish()
-    metrics = compare_decoders(trained, model, FrameStore(frames), read_manifest(manifest, split="test"), device)
-    return {"enabled": 1, "steps": state.step, "loss": state.history[-1]["loss/perceptual"]} | metrics | {
-        f"new_domain/{key}": value for key, value in prepared.items()
-    }
+    metrics = compare_decoders(
+        trained, model, FrameStore(frames), read_manifest(manifest, split="test"), device
+    )
+    return (
+        {"enabled": 1, "steps": state.step, "loss": state.history[-1]["loss/perceptual"]}
+        | metrics
+        | {f"new_domain/{key}": value for key, value in prepared.items()}
+    )
 
 
 @torch.inference_mode()
 def compare_decoders(
-    trained: LatentFlowAutoEncoder, finetuned: LatentFlowAutoEncoder, store: FrameStore, rows: list[ManifestRow],
+    trained: LatentFlowAutoEncoder,
+    finetuned: LatentFlowAutoEncoder,
+    store: FrameStore,
+    rows: list[ManifestRow],
     device: torch.device,
 ) -> dict[str, float]:
     """Self-reconstruction L1 and fid_mobilenetv2 of both decoders on the clips ``rows`` (same frozen Φ, F)."""
@@ -105,12 +132,15 @@ def compare_decoders(
         real.append(clip[1:].cpu())
         if i == 0:  # x0 | real frame | fine-tuned reconstruction | flow, for the last frames of one clip
             tracking.log_image(
-                reconstruction_strip(source[-4:], clip[-4:], frames[-4:], motion.flow[-4:]), "finetuned_reconstructions.png"
+                reconstruction_strip(source[-4:], clip[-4:], frames[-4:], motion.flow[-4:]),
+                "finetuned_reconstructions.png",
             )
     extractor = MobileNetFeatures().to(device)
     real_features = extractor(torch.cat(real))
     metrics: dict[str, float] = {"test_frames": sum(len(r) for r in real)}
     for name in ("trained", "finetuned"):
         metrics[f"l1/{name}"] = float(torch.cat(l1[name]).mean())
-        metrics[f"fid_mobilenetv2/{name}"] = feature_frechet_distance(real_features, extractor(torch.cat(recon[name])))
+        metrics[f"fid_mobilenetv2/{name}"] = feature_frechet_distance(
+            real_features, extractor(torch.cat(recon[name]))
+        )
     return metrics

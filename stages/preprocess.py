@@ -17,4 +17,6 @@ SKIPPED_FILE = "preprocess_skipped.json"
 
 
 def run(p: Params) -> dict[str, float]:
-    return prepare_dataset(p.data, p.seed, p.paths.frames, p.paths.manifest, Path(p.paths.metrics) / SKIPPED_FILE)
+    return prepare_dataset(
+        p.data, p.seed, p.paths.frames, p.paths.manifest, Path(p.paths.metrics) / SKIPPED_FILE
+    )

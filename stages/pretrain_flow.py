@@ -40,37 +40,57 @@ def run(p: Params) -> dict[str, float]:
     generator = seed_everything(p.seed)
     frames = FrameStore(p.paths.frames)
     train = read_manifest(p.paths.manifest, split="train")
-    settings = TeacherSettings(cfg.teacher, cfg.teacher_scale, cfg.pairs_per_clip, p.data.image_size // 4, p.seed)
+    settings = TeacherSettings(
+        cfg.teacher, cfg.teacher_scale, cfg.pairs_per_clip, p.data.image_size // 4, p.seed
+    )
     teacher = TeacherFlowStore(p.paths.teacher_flows, mode="a")
     metrics: dict[str, float] = teacher.update(frames, train, settings)
     pairs = TeacherPairDataset(frames, teacher, [r.video_id for r in train], seed=p.seed, augment=cfg.augment)
-    loader = sharded_loader(pairs, cfg.batch_size, "pretrain_flow.batch_size", seed=p.seed,
-                            num_workers=cfg.num_workers, generator=generator)
+    loader = sharded_loader(
+        pairs,
+        cfg.batch_size,
+        "pretrain_flow.batch_size",
+        seed=p.seed,
+        num_workers=cfg.num_workers,
+        generator=generator,
+    )
 
     model = LatentFlowAutoEncoder(p.lfae)  # only F trains and is saved; it is built inside its LFAE's config
     flow_predictor = model.flow_predictor.to(device)
     optimizer = adam(flow_predictor.parameters(), cfg.lr, cfg.betas)
     schedule = lr_schedule(optimizer, "linear", cfg.steps, (), 1.0)
     config = p.model_dump(mode="json", include={"seed", "data", "lfae", "pretrain_flow"})
-    state = TrainingState(Path(p.paths.checkpoints) / "pretrain_flow.pt", flow_predictor, optimizer, schedule, config)
+    state = TrainingState(
+        Path(p.paths.checkpoints) / "pretrain_flow.pt", flow_predictor, optimizer, schedule, config
+    )
 
     def loss(batch: dict) -> dict[str, torch.Tensor]:
         out = flow_predictor(batch["source"], batch["driving"])
         return distillation_loss(out, flow_predictor, batch["driving"], batch["grid"], batch["reliable"], cfg)
 
-
     flow_predictor.train()
     fit("pretrain_flow", state, loader, loss, cfg, objective="total", device=device)
-    save_flow_predictor(p.paths.flow_predictor, model, image_size=p.data.image_size, step=state.step,
-                        data=trained_on(p.data, p.seed, train))
+    save_flow_predictor(
+        p.paths.flow_predictor,
+        model,
+        image_size=p.data.image_size,
+        step=state.step,
+        data=trained_on(p.data, p.seed, train),
+    )
     state.write_plot(Path(p.paths.plots) / "pretrain_flow.tsv")
     state.finish()
     metrics |= {"loss": state.history[-1]["loss/flow"], "steps": state.step}
-    return metrics | grade(p, flow_predictor.eval(), frames, read_manifest(p.paths.manifest, split="test"), device)
+    return metrics | grade(
+        p, flow_predictor.eval(), frames, read_manifest(p.paths.manifest, split="test"), device
+    )
 
 
 def grade(
-    p: Params, flow_predictor: FlowPredictor, frames: FrameStore, tests: list[ManifestRow], device: torch.device
+    p: Params,
+    flow_predictor: FlowPredictor,
+    frames: FrameStore,
+    tests: list[ManifestRow],
+    device: torch.device,
 ) -> dict[str, float]:
     """The test clips' x0 → x_i pairs (the manifest's frame indices): the share of the static baseline's L1 left
     after warping x0 with the teacher's and with F's flow (edges repeated outside the frame), F's end-point
@@ -83,9 +103,14 @@ def grade(
     teacher = teacher_flows(sources, drivings, h, cfg.teacher, cfg.teacher_scale)[0].grid
     source, driving = to_tensor(sources), to_tensor(drivings)
     with torch.inference_mode():
-        outs = [flow_predictor(s.to(device), d.to(device)) for s, d in zip(source.split(64), driving.split(64), strict=True)]
+        outs = [
+            flow_predictor(s.to(device), d.to(device))
+            for s, d in zip(source.split(64), driving.split(64), strict=True)
+        ]
     flow = torch.cat([o.flow for o in outs]).cpu()
-    shares = torch.cat([o.masks.mean(dim=(2, 3)) for o in outs]).mean(0)  # per motion: background, regions (, local)
+    shares = torch.cat([o.masks.mean(dim=(2, 3)) for o in outs]).mean(
+        0
+    )  # per motion: background, regions (, local)
     local = outs[0].local is not None
     static = (source - driving).abs().mean()
 
@@ -103,20 +128,30 @@ def grade(
         metrics["mask_share/local"] = float(shares[-1])
     if p.data.dataset == "embedded":
         cameras = {  # every embedded clip has its camera
-            c.video_id: c.camera for c in generate_clips(p.data, p.seed) if c.split == "test" and c.camera is not None
+            c.video_id: c.camera
+            for c in generate_clips(p.data, p.seed)
+            if c.split == "test" and c.camera is not None
         }
-        exact = torch.from_numpy(np.stack([
-            true_flow(cameras[r.video_id], r.frame_indices[0], i, h, p.data.image_size)
-            for r in tests for i in r.frame_indices[1:]
-        ]))
-        metrics |= {f"epe/{name}": float((grid - exact).norm(dim=-1).mean())
-                    for name, grid in (("teacher", teacher), ("flow_predictor", flow), ("still", identity_grid(h, h)))}
+        exact = torch.from_numpy(
+            np.stack(
+                [
+                    true_flow(cameras[r.video_id], r.frame_indices[0], i, h, p.data.image_size)
+                    for r in tests
+                    for i in r.frame_indices[1:]
+                ]
+            )
+        )
+        metrics |= {
+            f"epe/{name}": float((grid - exact).norm(dim=-1).mean())
+            for name, grid in (("teacher", teacher), ("flow_predictor", flow), ("still", identity_grid(h, h)))
+        }
     _log_picture(driving, teacher, torch.cat([o.occlusion for o in outs]).cpu(), flow, len(clips[0]) - 1)
     return metrics
 
 
-def _log_picture(driving: torch.Tensor, teacher: torch.Tensor, occlusion: torch.Tensor, flow: torch.Tensor,
-                 per_clip: int) -> None:
+def _log_picture(
+    driving: torch.Tensor, teacher: torch.Tensor, occlusion: torch.Tensor, flow: torch.Tensor, per_clip: int
+) -> None:
     """The last frame of up to 8 test clips: frame | teacher's flow | F's flow | F's occlusion, one row each."""
     last = torch.arange(per_clip - 1, len(driving), per_clip)[:8]
     size = driving.shape[-1]
@@ -124,6 +159,13 @@ def _log_picture(driving: torch.Tensor, teacher: torch.Tensor, occlusion: torch.
     def up(x: np.ndarray) -> np.ndarray:
         return x.repeat(size // x.shape[1], axis=1).repeat(size // x.shape[2], axis=2)
 
-    rows = zip(to_uint8(driving[last]), up(flow_to_rgb(teacher[last])), up(flow_to_rgb(flow[last])),
-               up(occlusion_to_rgb(occlusion[last])), strict=True)
-    tracking.log_image(video_grid([cell for row in rows for cell in row], columns=4, scale=2)[0], "teacher_vs_flow.png")
+    rows = zip(
+        to_uint8(driving[last]),
+        up(flow_to_rgb(teacher[last])),
+        up(flow_to_rgb(flow[last])),
+        up(occlusion_to_rgb(occlusion[last])),
+        strict=True,
+    )
+    tracking.log_image(
+        video_grid([cell for row in rows for cell in row], columns=4, scale=2)[0], "teacher_vs_flow.png"
+    )

@@ -53,8 +53,13 @@ def plan(p: Params) -> list[ManifestRow]:
 
 def _sample_row(real: ManifestRow, label: str, sample_id: str) -> ManifestRow:
     return ManifestRow(
-        video_id=sample_id, label=label, subject=real.subject, split=real.split,
-        num_frames=len(real.frame_indices), source=real.video_id, frame_indices=tuple(range(len(real.frame_indices))),
+        video_id=sample_id,
+        label=label,
+        subject=real.subject,
+        split=real.split,
+        num_frames=len(real.frame_indices),
+        source=real.video_id,
+        frame_indices=tuple(range(len(real.frame_indices))),
     )
 
 
@@ -63,10 +68,17 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
     out, rows, lfae = Path(p.paths.samples), plan(p), sampling_lfae_path(p)
     pipe = LFDMPipeline.from_checkpoints(lfae, p.paths.dm, None, p.text, torch.device("cpu"))  # its sizes
     FrameStore(out / "frames.zarr", "w")
-    FlowStore(out / "flows.zarr", "w", FlowStoreAttrs(
-        num_frames=pipe.num_frames, latent_size=pipe.image_size // 4, latent_channels=pipe.latent_channels,
-        lfae_checkpoint=str(lfae), lfae_sha256="",
-    ))
+    FlowStore(
+        out / "flows.zarr",
+        "w",
+        FlowStoreAttrs(
+            num_frames=pipe.num_frames,
+            latent_size=pipe.image_size // 4,
+            latent_channels=pipe.latent_channels,
+            lfae_checkpoint=str(lfae),
+            lfae_sha256="",
+        ),
+    )
     results = map_shards(functools.partial(sample_shard, p), batch_shards(rows, p.sample.batch_size, shards))
     write_manifest(out / "manifest.parquet", rows)
     for row in rows[:MAX_LOGGED_GIFS]:
@@ -75,7 +87,11 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
     grid, _ = from_diffusion_tensor(torch.from_numpy(FlowStore(out / "flows.zarr").read(last)[0])[None])
     tracking.log_image(flow_strip(grid[0]), f"flow_{last}.png")  # the last sample's K flows
     seconds = sum(results)
-    return {"videos": len(rows), "prompts": len(p.sample.extra_labels), "seconds_per_video": seconds / len(rows)}
+    return {
+        "videos": len(rows),
+        "prompts": len(p.sample.extra_labels),
+        "seconds_per_video": seconds / len(rows),
+    }
 
 
 def gif_path(p: Params, row: ManifestRow) -> Path:
@@ -86,7 +102,9 @@ def sample_shard(p: Params, batches: Sequence[tuple[int, Sequence[ManifestRow]]]
     """Generate the samples of ``batches`` into the sample stores (and a gif each); returns the seconds
     spent generating. Batch i draws its noise from seed ``sample.seed + i``: the same for any sharding."""
     device = resolve_device(p.device)
-    pipe = LFDMPipeline.from_checkpoints(sampling_lfae_path(p), p.paths.dm, p.paths.embeddings, p.text, device)
+    pipe = LFDMPipeline.from_checkpoints(
+        sampling_lfae_path(p), p.paths.dm, p.paths.embeddings, p.text, device
+    )
     real_frames = FrameStore(p.paths.frames)
     out = Path(p.paths.samples)
     videos, flows = FrameStore(out / "frames.zarr", "r+"), FlowStore(out / "flows.zarr", "r+")

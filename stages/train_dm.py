@@ -32,7 +32,11 @@ def run(p: Params) -> dict[str, float]:
     attrs = FlowStore(p.paths.flows).attrs
     sequences = FlowSequenceDataset(p.paths.flows, read_manifest(p.paths.manifest, split="train"), embeddings)
     loader = sharded_loader(
-        sequences, cfg.batch_size, "train_dm.batch_size", seed=p.seed, num_workers=cfg.num_workers,
+        sequences,
+        cfg.batch_size,
+        "train_dm.batch_size",
+        seed=p.seed,
+        num_workers=cfg.num_workers,
         generator=generator,
     )
     text_dim = next(iter(embeddings.values())).numel()
@@ -45,23 +49,44 @@ def run(p: Params) -> dict[str, float]:
     diffusion.to(device)
     optimizer = adam(diffusion.parameters(), cfg.lr, cfg.betas)
     schedule = lr_schedule(optimizer, cfg.lr_schedule, cfg.steps, cfg.milestones, cfg.gamma)
-    ema = EMAModel(diffusion.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True) if cfg.ema_max_decay else None
+    ema = (
+        EMAModel(diffusion.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True)
+        if cfg.ema_max_decay
+        else None
+    )
     config = p.model_dump(mode="json", include={"seed", "dm", "train_dm"}) | {"flows": asdict(attrs)}
-    state = TrainingState(Path(p.paths.checkpoints) / "train_dm.pt", diffusion, optimizer, schedule, config, ema)
+    state = TrainingState(
+        Path(p.paths.checkpoints) / "train_dm.pt", diffusion, optimizer, schedule, config, ema
+    )
     parallel = distributed.wrap(diffusion, device)  # its forward is the loss; `diffusion` is what is saved
     diffusion.train()
 
     def loss(batch: dict) -> dict[str, torch.Tensor]:
         return {"diffusion": parallel(batch["x0"], batch["z0"], batch["text"])}
 
-    fit("train_dm", state, loader, loss, cfg, objective="diffusion", device=device, precision=p.precision,
-        grad_clip=cfg.grad_clip)
+    fit(
+        "train_dm",
+        state,
+        loader,
+        loss,
+        cfg,
+        objective="diffusion",
+        device=device,
+        precision=p.precision,
+        grad_clip=cfg.grad_clip,
+    )
     if ema is not None:
         ema.copy_to(diffusion.parameters())
     if distributed.is_main():
         save_dm(
-            p.paths.dm, diffusion, p.dm, cond_channels=attrs.latent_channels, text_dim=text_dim,
-            num_frames=attrs.num_frames, latent_size=attrs.latent_size, step=state.step,
+            p.paths.dm,
+            diffusion,
+            p.dm,
+            cond_channels=attrs.latent_channels,
+            text_dim=text_dim,
+            num_frames=attrs.num_frames,
+            latent_size=attrs.latent_size,
+            step=state.step,
         )
     state.write_plot(Path(p.paths.plots) / "train_dm.tsv")
     state.finish()

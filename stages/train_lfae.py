@@ -30,7 +30,11 @@ def run(p: Params) -> dict[str, float]:
     train = read_manifest(p.paths.manifest, split="train")
     pairs = FramePairDataset(FrameStore(p.paths.frames), train, seed=p.seed)
     loader = sharded_loader(
-        pairs, cfg.batch_size, "train_lfae.batch_size", seed=p.seed, num_workers=cfg.num_workers,
+        pairs,
+        cfg.batch_size,
+        "train_lfae.batch_size",
+        seed=p.seed,
+        num_workers=cfg.num_workers,
         generator=generator,
     )
     model = LatentFlowAutoEncoder(p.lfae)
@@ -51,13 +55,25 @@ def run(p: Params) -> dict[str, float]:
 
     def loss(batch: dict) -> dict[str, torch.Tensor]:
         out = parallel(batch["source"], batch["driving"])
-        return lfae_loss(out["prediction"], batch["driving"], model.flow_predictor.region_predictor,
-                         out["driving_regions"], perceptual, cfg.equivariance)
+        return lfae_loss(
+            out["prediction"],
+            batch["driving"],
+            model.flow_predictor.region_predictor,
+            out["driving_regions"],
+            perceptual,
+            cfg.equivariance,
+        )
 
     fit("train_lfae", state, loader, loss, cfg, objective="total", device=device, precision=p.precision)
     if distributed.is_main():
-        save_lfae(p.paths.lfae, model, p.lfae, image_size=p.data.image_size, step=state.step,
-                  data=trained_on(p.data, p.seed, train))
+        save_lfae(
+            p.paths.lfae,
+            model,
+            p.lfae,
+            image_size=p.data.image_size,
+            step=state.step,
+            data=trained_on(p.data, p.seed, train),
+        )
         assert state.batches is not None  # fit() made the stream
         _log_reconstructions(model, next(state.batches), device)
     state.write_plot(Path(p.paths.plots) / "train_lfae.tsv")
@@ -71,4 +87,6 @@ def _log_reconstructions(model: LatentFlowAutoEncoder, batch: dict, device: torc
     source, driving = (batch[key][:4].to(device) for key in ("source", "driving"))
     with torch.no_grad():
         out = model(source, driving)
-    tracking.log_image(reconstruction_strip(source, driving, out["prediction"], out["flow"]), "reconstructions.png")
+    tracking.log_image(
+        reconstruction_strip(source, driving, out["prediction"], out["flow"]), "reconstructions.png"
+    )

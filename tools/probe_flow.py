@@ -56,7 +56,9 @@ def load_any_lfae(path: str) -> LatentFlowAutoEncoder:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lfae", required=True, help="LFAE checkpoint (a trained model or a resume state)")
     parser.add_argument("--params", default="params.yaml", help="the params whose embedded dataset to render")
     parser.add_argument("--split", default="test", choices=("train", "test"))
@@ -64,7 +66,9 @@ def main() -> None:
 
     p = load_params(args.params)
     if p.data.dataset != "embedded":
-        raise SystemExit(f"{args.params}: data.dataset is {p.data.dataset!r}; only embedded clips carry their camera")
+        raise SystemExit(
+            f"{args.params}: data.dataset is {p.data.dataset!r}; only embedded clips carry their camera"
+        )
     model, h = load_any_lfae(args.lfae), p.data.image_size // 4
     clips = [clip for clip in generate_clips(p.data, p.seed) if clip.split == args.split]
     with torch.no_grad():
@@ -83,25 +87,39 @@ def main() -> None:
     by_label = defaultdict(list)
     for i, clip in enumerate(clips):
         by_label[clip.label].append(i)
-    amplitude = np.abs(exact).reshape(len(clips), -1).max(axis=0) + 1e-6  # make the four components comparable
+    amplitude = (
+        np.abs(exact).reshape(len(clips), -1).max(axis=0) + 1e-6
+    )  # make the four components comparable
     prototypes = np.stack([exact[by_label[label]].mean(0) for label in labels]) / amplitude
     normed = fitted / amplitude
-    cosine = normed @ prototypes.T / (
-        np.linalg.norm(normed, axis=1, keepdims=True) * np.linalg.norm(prototypes, axis=1) + 1e-12
+    cosine = (
+        normed
+        @ prototypes.T
+        / (np.linalg.norm(normed, axis=1, keepdims=True) * np.linalg.norm(prototypes, axis=1) + 1e-12)
     )
     correct = np.array([labels[k] == clip.label for k, clip in zip(cosine.argmax(1), clips, strict=True)])
 
     print(f"{args.lfae}: {len(clips)} {args.split} clips, flow from the first to the last frame")
-    print(f"{'label':<25}" + "".join(f"{c:>18}" for c in COMPONENTS) + f"{'ratio':>7}{'acc':>6}{'epe':>7}{'still':>7}")
+    print(
+        f"{'label':<25}"
+        + "".join(f"{c:>18}" for c in COMPONENTS)
+        + f"{'ratio':>7}{'acc':>6}{'epe':>7}{'still':>7}"
+    )
     for label in labels:
         if not (idx := by_label[label]):
             continue
         along = exact[idx] / amplitude
         ratio = float(((normed[idx] * along).sum(1) / (along * along).sum(1)).mean())
-        cells = "".join(f"{m:>+9.3f} ({t:+.2f})" for m, t in zip(fitted[idx].mean(0), exact[idx].mean(0), strict=True))
-        print(f"{label:<25}{cells}{ratio:>7.2f}{correct[idx].mean():>6.2f}{epe[idx].mean():>7.3f}{still[idx].mean():>7.3f}")
-    print(f"all: motion accuracy {correct.mean():.3f} (chance {1 / len(labels):.3f}), "
-          f"epe {epe.mean():.3f} vs {still.mean():.3f} for no motion")
+        cells = "".join(
+            f"{m:>+9.3f} ({t:+.2f})" for m, t in zip(fitted[idx].mean(0), exact[idx].mean(0), strict=True)
+        )
+        print(
+            f"{label:<25}{cells}{ratio:>7.2f}{correct[idx].mean():>6.2f}{epe[idx].mean():>7.3f}{still[idx].mean():>7.3f}"
+        )
+    print(
+        f"all: motion accuracy {correct.mean():.3f} (chance {1 / len(labels):.3f}), "
+        f"epe {epe.mean():.3f} vs {still.mean():.3f} for no motion"
+    )
 
 
 if __name__ == "__main__":

@@ -211,10 +211,13 @@ def _render(
     y = cy + motion.pan[1] * side * progress - sin * u + cos * v
     grid = np.stack((x * 2 / w - 1, y * 2 / h - 1), axis=-1, dtype=np.float32)
     c, s, pos = cos[:, 0, 0], sin[:, 0, 0], progress[:, 0, 0]  # the same maps as (T, 2, 3) affines
-    camera = np.stack((
-        np.stack((c, s, cx + motion.pan[0] * side * pos), axis=-1) * 2 / w - [0, 0, 1],
-        np.stack((-s, c, cy + motion.pan[1] * side * pos), axis=-1) * 2 / h - [0, 0, 1],
-    ), axis=1)
+    camera = np.stack(
+        (
+            np.stack((c, s, cx + motion.pan[0] * side * pos), axis=-1) * 2 / w - [0, 0, 1],
+            np.stack((-s, c, cy + motion.pan[1] * side * pos), axis=-1) * 2 / h - [0, 0, 1],
+        ),
+        axis=1,
+    )
     # one sampling call for the whole clip: frames stacked along the grid's height
     grid = torch.from_numpy(grid.reshape(1, num_frames * size, size, 2))
     frames = F.grid_sample(photo, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

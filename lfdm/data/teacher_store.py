@@ -47,7 +47,9 @@ class StaticClipWarning(UserWarning):
 class TeacherFlowStore(LazyZarrGroup):
     kind = "teacher flow store"
 
-    def update(self, frames: FrameStore, rows: Sequence[ManifestRow], settings: TeacherSettings) -> dict[str, float]:
+    def update(
+        self, frames: FrameStore, rows: Sequence[ManifestRow], settings: TeacherSettings
+    ) -> dict[str, float]:
         """Make the store hold the teacher flows of ``rows`` under ``settings``; returns counts."""
         group = self.group
         if group.attrs.get("settings") != asdict(settings):
@@ -65,24 +67,32 @@ class TeacherFlowStore(LazyZarrGroup):
                 continue
             pairs = frame_pairs(len(clip), settings.pairs_per_clip, settings.seed, row.video_id)
             source, driving = clip[pairs[:, 0]], clip[pairs[:, 1]]
-            backward, forward = teacher_flows(source, driving, settings.latent_size, settings.method, settings.scale)
+            backward, forward = teacher_flows(
+                source, driving, settings.latent_size, settings.method, settings.scale
+            )
             if max(backward.max_motion, forward.max_motion) < STATIC_MOTION:
                 static += 1
                 warnings.warn(
                     f"{row.video_id}: the teacher sees no motion in any of its {len(pairs)} frame pairs "
                     f"(under {STATIC_MOTION} px); it is kept, but only teaches F that nothing moves",
-                    StaticClipWarning, stacklevel=2,
+                    StaticClipWarning,
+                    stacklevel=2,
                 )
             flows = torch.cat((backward.stacked(), forward.stacked()), dim=1).numpy().astype(np.float16)
             self._write("pairs", row.video_id, pairs.astype(np.int32))
             self._write("flows", row.video_id, flows).attrs["frames_sha1"] = digest
             computed += 1
-        return {"teacher_clips_computed": computed, "teacher_clips_reused": len(rows) - computed,
-                "teacher_static_clips": static}
+        return {
+            "teacher_clips_computed": computed,
+            "teacher_clips_reused": len(rows) - computed,
+            "teacher_static_clips": static,
+        }
 
     def _write(self, name: str, video_id: str, x: np.ndarray):
         self.forget(f"{name}/{video_id}")
-        arr = self.subgroup(name).create_array(video_id, shape=x.shape, dtype=x.dtype, chunks=x.shape, overwrite=True)
+        arr = self.subgroup(name).create_array(
+            video_id, shape=x.shape, dtype=x.dtype, chunks=x.shape, overwrite=True
+        )
         arr[...] = x
         return arr
 
@@ -102,8 +112,14 @@ def frame_pairs(num_frames: int, count: int, seed: int, video_id: str) -> np.nda
     return np.stack((source[chosen], driving[chosen]), axis=1)
 
 
-def symmetry(frames: torch.Tensor, maps: torch.Tensor, grid: torch.Tensor, mirror_x: bool, mirror_y: bool,
-             transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def symmetry(
+    frames: torch.Tensor,
+    maps: torch.Tensor,
+    grid: torch.Tensor,
+    mirror_x: bool,
+    mirror_y: bool,
+    transpose: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``frames (..., H, W)``, per-pixel ``maps (..., h, w)`` and their backward grid ``grid (h, w, 2)`` under
     one symmetry of the square: a mirrored frame's grid is the mirrored grid with that coordinate negated, a
     transposed frame's the transposed grid with x and y swapped."""
@@ -128,7 +144,13 @@ class TeacherPairDataset(Dataset):
     """
 
     def __init__(
-        self, frames: FrameStore, teacher: TeacherFlowStore, video_ids: Sequence[str], *, seed: int, augment: bool
+        self,
+        frames: FrameStore,
+        teacher: TeacherFlowStore,
+        video_ids: Sequence[str],
+        *,
+        seed: int,
+        augment: bool,
     ) -> None:
         self.frames, self.teacher, self.seed, self.augment, self.epoch = frames, teacher, seed, augment, 0
         pairs = {v: teacher.read(v)[0] for v in video_ids}
@@ -137,7 +159,9 @@ class TeacherPairDataset(Dataset):
             raise ValueError("no teacher flows to distil: no training clip has a pair of frames")
         sizes = [frames.array(v, v).nbytes + teacher.array(f"flows/{v}", v).nbytes for v in video_ids]
         self.preloaded = (
-            {v: (frames.read(v), *teacher.read(v)) for v in video_ids} if sum(sizes) <= PRELOAD_MAX_BYTES else None
+            {v: (frames.read(v), *teacher.read(v)) for v in video_ids}
+            if sum(sizes) <= PRELOAD_MAX_BYTES
+            else None
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -157,6 +181,8 @@ class TeacherPairDataset(Dataset):
         (source, driving), flow = pairs[j], torch.from_numpy(flows[j].astype(np.float32))
         if reverse:
             source, driving, flow = driving, source, flow[3:]
-        pair = to_tensor(clip[[source, driving]] if clip is not None else self.frames.read(video_id, [source, driving]))
+        pair = to_tensor(
+            clip[[source, driving]] if clip is not None else self.frames.read(video_id, [source, driving])
+        )
         pair, reliable, grid = symmetry(pair, flow[2:3], flow[:2].permute(1, 2, 0), *flips)
         return {"source": pair[0], "driving": pair[1], "grid": grid, "reliable": reliable}

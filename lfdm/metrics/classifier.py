@@ -145,7 +145,9 @@ def accuracy(model: MotionClassifier, classes: Sequence[str], videos: Videos, la
     if skipped := sorted(set(labels) - set(classes)):
         warnings.warn(
             f"condition accuracy leaves out {len(labels) - len(scored)} of {len(labels)} videos: no training clip "
-            f"has their label(s) {skipped}, so the classifier never learnt them", UnscoredLabelWarning, stacklevel=2,
+            f"has their label(s) {skipped}, so the classifier never learnt them",
+            UnscoredLabelWarning,
+            stacklevel=2,
         )
     if not scored:
         return float("nan")

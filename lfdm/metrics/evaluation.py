@@ -67,15 +67,28 @@ class References:
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({
-            "video_ids": self.video_ids, "real": {k: torch.from_numpy(v) for k, v in self.real.items()},
-            "l1": self.l1, "classifier": self.classifier.state_dict(), "classes": self.classes,
-            "classifier_size": self.classifier_size, "metrics": self.metrics,
-        }, path)
+        torch.save(
+            {
+                "video_ids": self.video_ids,
+                "real": {k: torch.from_numpy(v) for k, v in self.real.items()},
+                "l1": self.l1,
+                "classifier": self.classifier.state_dict(),
+                "classes": self.classes,
+                "classifier_size": self.classifier_size,
+                "metrics": self.metrics,
+            },
+            path,
+        )
 
     @classmethod
     def load(
-        cls, path: str | Path, *, video_ids: Sequence[str], frames: int, classifier_size: int, device: torch.device
+        cls,
+        path: str | Path,
+        *,
+        video_ids: Sequence[str],
+        frames: int,
+        classifier_size: int,
+        device: torch.device,
     ) -> References:
         """Load ``path`` and check it was made for the test clips ``video_ids`` of ``frames`` frames and a
         classifier that sees ``classifier_size``² frames (what ``evaluate`` will score against it)."""
@@ -83,17 +96,35 @@ class References:
         if not Path(path).is_file():
             raise MissingInput(f"{path}: no evaluation references; {redo}")
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        made_for = {"test clips": saved["video_ids"], "frames": next(iter(saved["l1"].values())).shape[1] + 1,
-                    "evaluate.classifier_size": saved["classifier_size"]}
-        wanted = {"test clips": list(video_ids), "frames": frames, "evaluate.classifier_size": classifier_size}
+        made_for = {
+            "test clips": saved["video_ids"],
+            "frames": next(iter(saved["l1"].values())).shape[1] + 1,
+            "evaluate.classifier_size": saved["classifier_size"],
+        }
+        wanted = {
+            "test clips": list(video_ids),
+            "frames": frames,
+            "evaluate.classifier_size": classifier_size,
+        }
         if differ := [key for key in made_for if made_for[key] != wanted[key]]:
-            shown = {key: (made_for[key], wanted[key]) if key != "test clips" else
-                     (f"{len(made_for[key])} clips", f"{len(wanted[key])} clips") for key in differ}
+            shown = {
+                key: (made_for[key], wanted[key])
+                if key != "test clips"
+                else (f"{len(made_for[key])} clips", f"{len(wanted[key])} clips")
+                for key in differ
+            }
             raise ValueError(f"{path} was made for other inputs (saved, now): {shown}; {redo}")
         classifier = MotionClassifier(len(saved["classes"]))
         classifier.load_state_dict(saved["classifier"])
-        return cls(saved["video_ids"], {k: v.numpy() for k, v in saved["real"].items()}, saved["l1"],
-                   classifier.to(device).eval(), saved["classes"], saved["classifier_size"], saved["metrics"])
+        return cls(
+            saved["video_ids"],
+            {k: v.numpy() for k, v in saved["real"].items()},
+            saved["l1"],
+            classifier.to(device).eval(),
+            saved["classes"],
+            saved["classifier_size"],
+            saved["metrics"],
+        )
 
 
 @overload

@@ -64,8 +64,12 @@ class MobileNetFeatures(nn.Module):
         if x.dtype == torch.uint8:
             x = x.float() / 255
         elif not x.is_floating_point() or x.min() < -1e-3 or x.max() > 1 + 1e-3:
-            raise ValueError(f"frames must be uint8 or float in [0, 1], got {x.dtype} in [{x.min()}, {x.max()}]")
-        x = F.interpolate(x.float(), (INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
+            raise ValueError(
+                f"frames must be uint8 or float in [0, 1], got {x.dtype} in [{x.min()}, {x.max()}]"
+            )
+        x = F.interpolate(
+            x.float(), (INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False
+        )
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
@@ -79,4 +83,3 @@ class MobileNetFeatures(nn.Module):
         if not out:
             raise ValueError("no frames")
         return np.concatenate(out)
-

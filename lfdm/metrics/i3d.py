@@ -44,7 +44,9 @@ Triple = tuple[int, int, int]
 def _pad_same(x: torch.Tensor, kernel: Triple, stride: Triple, value: float = 0.0) -> torch.Tensor:
     """TensorFlow "SAME" padding of ``x (B, C, T, H, W)``: output size ceil(n / s), extra pixel after."""
     pads: list[int] = []
-    for n, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride), strict=True):  # F.pad: last dim first
+    for n, k, s in zip(
+        reversed(x.shape[2:]), reversed(kernel), reversed(stride), strict=True
+    ):  # F.pad: last dim first
         total = max((-(-n // s) - 1) * s + k - n, 0)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads, value=value) if any(pads) else x

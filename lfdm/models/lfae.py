@@ -296,8 +296,11 @@ def sparse_motions(source: Regions, driving: Regions, grid: Tensor, background: 
     regions = z + source["shift"][:, :, None, None]
     batch, (h, w) = regions.shape[0], grid.shape[:2]
     bg = (
-        grid.expand(batch, h, w, 2) if background is None
-        else F.affine_grid(background[:, :2], [batch, 1, h, w], align_corners=True)  # grid is align_corners=True
+        grid.expand(batch, h, w, 2)
+        if background is None
+        else F.affine_grid(
+            background[:, :2], [batch, 1, h, w], align_corners=True
+        )  # grid is align_corners=True
     )
     return torch.cat((bg.unsqueeze(1), regions), dim=1)
 
@@ -317,7 +320,9 @@ def fit_affine(flow: Tensor, weights: Tensor, ridge: float = AFFINE_RIDGE) -> Te
         target = torch.einsum("bmn,ni,bnj->bmij", weights, design, flow)
         prior = ridge * weights.sum(-1)[..., None, None] * torch.diag(design.new_tensor([1.0, 1.0, 0.0]))
         eye = torch.eye(3, 2, device=flow.device)  # the identity map: A = I, t = 0
-        theta = torch.linalg.solve(normal + prior + _EPS**0.5 * torch.eye(3, device=flow.device), target + prior @ eye)
+        theta = torch.linalg.solve(
+            normal + prior + _EPS**0.5 * torch.eye(3, device=flow.device), target + prior @ eye
+        )
     return theta.transpose(-1, -2)
 
 
@@ -465,7 +470,13 @@ class BackgroundPredictor(nn.Module):
     """
 
     def __init__(
-        self, *, block_expansion: int, num_blocks: int, max_features: int, scale: float = 1.0, coords: bool = False
+        self,
+        *,
+        block_expansion: int,
+        num_blocks: int,
+        max_features: int,
+        scale: float = 1.0,
+        coords: bool = False,
     ):
         super().__init__()
         self.down = AntiAliasDownsample(6, scale)
@@ -497,8 +508,15 @@ class PixelwiseFlowPredictor(nn.Module):
     motions into one grid, and a sigmoid head gives the occlusion map.
     """
 
-    def __init__(self, *, num_motions: int, extra_channels: int, block_expansion: int, num_blocks: int,
-                 max_features: int):
+    def __init__(
+        self,
+        *,
+        num_motions: int,
+        extra_channels: int,
+        block_expansion: int,
+        num_blocks: int,
+        max_features: int,
+    ):
         super().__init__()
         self.down = AntiAliasDownsample(3, LATENT_SCALE)
         self.hourglass = Hourglass(
@@ -518,7 +536,9 @@ class PixelwiseFlowPredictor(nn.Module):
         image = self.down(source)
         b, n, h, w = heatmaps.shape
         deformed = warp(image[:, None].expand(b, n, 3, h, w).flatten(0, 1), motions.flatten(0, 1))
-        x = torch.cat((heatmaps[:, :, None].to(deformed.dtype), deformed.unflatten(0, (b, n))), dim=2).flatten(1, 2)
+        x = torch.cat(
+            (heatmaps[:, :, None].to(deformed.dtype), deformed.unflatten(0, (b, n))), dim=2
+        ).flatten(1, 2)
         if extra is not None:
             x = torch.cat((x, extra.to(x.dtype)), dim=1)
         features = self.hourglass(x)
@@ -567,7 +587,9 @@ class FlowPredictor(nn.Module):
         )
         self.use_background = cfg.use_background
         correlation = cfg.motion_estimator == "correlation"
-        self.correlation = CorrelationFlow(channels=cfg.corr_channels, radius=cfg.corr_radius) if correlation else None
+        self.correlation = (
+            CorrelationFlow(channels=cfg.corr_channels, radius=cfg.corr_radius) if correlation else None
+        )
         self.background_predictor = (
             BackgroundPredictor(
                 block_expansion=cfg.bg_block_expansion,
@@ -593,8 +615,13 @@ class FlowPredictor(nn.Module):
         """Everything that decides the flow: the region and background predictors or the cost volume, the
         pixelwise hourglass and its masks (not the occlusion head)."""
         pixelwise = self.pixelwise_flow_predictor
-        modules = [self.region_predictor, self.background_predictor, self.correlation, pixelwise.hourglass,
-                   pixelwise.mask]
+        modules = [
+            self.region_predictor,
+            self.background_predictor,
+            self.correlation,
+            pixelwise.hourglass,
+            pixelwise.mask,
+        ]
         return [module for module in modules if module is not None]
 
     def freeze_motion(self) -> None:
@@ -621,7 +648,9 @@ class FlowPredictor(nn.Module):
             where = region_gaussians(driving_regions, grid)
         if self.correlation is None:
             source_regions = self.region_predictor(source)
-            background = self.background_predictor(source, driving) if self.background_predictor is not None else None
+            background = (
+                self.background_predictor(source, driving) if self.background_predictor is not None else None
+            )
             with _fp32(grid):
                 heatmaps = where - region_gaussians(source_regions, grid)
                 motions = sparse_motions(source_regions, driving_regions, grid, background)
@@ -638,7 +667,9 @@ class FlowPredictor(nn.Module):
                 motions = torch.cat((motions, local[:, None]), dim=1)
                 heatmaps = torch.cat((where, where.new_zeros(b, 1, h, w)), dim=1)
                 # a cue for the masks, not a way for their losses to move the local motion
-                distance = (motions - local[:, None]).detach().norm(dim=-1) * ((max(h, w) - 1) / 2)  # latent px
+                distance = (motions - local[:, None]).detach().norm(dim=-1) * (
+                    (max(h, w) - 1) / 2
+                )  # latent px
             extra = torch.cat((distance, F.interpolate(driving, size=(h, w), mode="area")), dim=1)
         heatmaps = torch.cat((heatmaps.new_zeros(b, 1, h, w), heatmaps), dim=1)
         flow, occlusion, masks = self.pixelwise_flow_predictor(source, heatmaps, motions, extra)
@@ -657,7 +688,9 @@ class LatentFlowAutoEncoder(nn.Module):
         self.encoder = Encoder(channels=cfg.base_channels)
         self.flow_predictor = FlowPredictor(cfg)
         self.decoder = Decoder(
-            channels=cfg.base_channels, res_blocks=cfg.decoder_res_blocks, skips=cfg.decoder == "skips",
+            channels=cfg.base_channels,
+            res_blocks=cfg.decoder_res_blocks,
+            skips=cfg.decoder == "skips",
             padding=cfg.padding,
         )
 

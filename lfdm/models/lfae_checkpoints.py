@@ -26,12 +26,21 @@ def trained_on(data: DataConfig, seed: int, rows: Sequence[ManifestRow]) -> dict
 
 
 def save_lfae(
-    path: str | Path, model: LatentFlowAutoEncoder, cfg: LFAEConfig, *, image_size: int, step: int,
+    path: str | Path,
+    model: LatentFlowAutoEncoder,
+    cfg: LFAEConfig,
+    *,
+    image_size: int,
+    step: int,
     data: dict[str, Any] | None = None,
 ) -> None:
     """The whole LFAE; ``data``: :func:`trained_on`."""
     save_checkpoint(
-        path, model=model.state_dict(), config=cfg.model_dump(mode="json"), image_size=image_size, step=step,
+        path,
+        model=model.state_dict(),
+        config=cfg.model_dump(mode="json"),
+        image_size=image_size,
+        step=step,
         trained_on=data,
     )
 
@@ -41,8 +50,12 @@ def save_flow_predictor(
 ) -> None:
     """F alone (``pretrain_flow``); :func:`init_lfae` loads it into an LFAE built from the same config."""
     save_checkpoint(
-        path, flow_predictor=model.flow_predictor.state_dict(), config=model.cfg.model_dump(mode="json"),
-        image_size=image_size, step=step, trained_on=data,
+        path,
+        flow_predictor=model.flow_predictor.state_dict(),
+        config=model.cfg.model_dump(mode="json"),
+        image_size=image_size,
+        step=step,
+        trained_on=data,
     )
 
 
@@ -75,7 +88,11 @@ def sampling_lfae_path(p: Params) -> Path:
 
 
 def init_lfae(
-    model: LatentFlowAutoEncoder, path: str | Path, image_size: int, data: DataConfig, test_ids: Collection[str]
+    model: LatentFlowAutoEncoder,
+    path: str | Path,
+    image_size: int,
+    data: DataConfig,
+    test_ids: Collection[str],
 ) -> int:
     """Load the LFAE or flow-predictor checkpoint ``path`` into ``model`` (a warm start); returns its step.
 
@@ -93,8 +110,12 @@ def init_lfae(
         listed = ", ".join(f"{k} (checkpoint {a!r}, params {b!r})" for k, (a, b) in differ.items())
         raise ValueError(f"train_lfae.init {path} was built with other settings: {listed}")
     if (origin := ckpt.get("trained_on")) is None:
-        warnings.warn(f"train_lfae.init {path} does not record what it was trained on: nothing checks that it "
-                      "never saw a test clip", WarmStartWarning, stacklevel=2)
+        warnings.warn(
+            f"train_lfae.init {path} does not record what it was trained on: nothing checks that it "
+            "never saw a test clip",
+            WarmStartWarning,
+            stacklevel=2,
+        )
     else:
         if seen := sorted(set(origin["video_ids"]) & set(test_ids)):
             raise ValueError(
@@ -106,11 +127,11 @@ def init_lfae(
             warnings.warn(
                 f"train_lfae.init {path} was trained on data.dataset {origin['dataset']!r} (root {origin['root']!r}), "
                 f"the params name {data.dataset!r} (root {data.root!r}): its motion may not be your footage's",
-                WarmStartWarning, stacklevel=2,
+                WarmStartWarning,
+                stacklevel=2,
             )
     if "flow_predictor" in ckpt:
         model.flow_predictor.load_state_dict(ckpt["flow_predictor"])
     else:
         model.load_state_dict(ckpt["model"])
     return int(ckpt.get("step", 0))
-

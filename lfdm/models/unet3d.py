@@ -201,7 +201,9 @@ class Unet3D(nn.Module):
         )
         cond_dim = 4 * dim + text_dim
         self.frame_mlp = (
-            nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(2 * (dim // 2), 4 * dim)) if cfg.frame_embedding else None
+            nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(2 * (dim // 2), 4 * dim))
+            if cfg.frame_embedding
+            else None
         )
         self.null_text = nn.Parameter(torch.randn(text_dim)) if cfg.null_embedding == "learned" else None
 
@@ -233,7 +235,9 @@ class Unet3D(nn.Module):
         self.mid_block2 = ResnetBlock(mid, mid, cond_dim=cond_dim, groups=cfg.resnet_groups)
 
         # deepest level first; each up level sees its own output concatenated with the matching skip
-        self.ups = nn.ModuleList(level(2 * d, d, spatial=s) for d, s in zip(dims[::-1], spatial[::-1], strict=True))
+        self.ups = nn.ModuleList(
+            level(2 * d, d, spatial=s) for d, s in zip(dims[::-1], spatial[::-1], strict=True)
+        )
         self.upsamples = nn.ModuleList(
             [
                 nn.ConvTranspose2d(dims[i], dims[i - 1], 4, stride=2, padding=1)

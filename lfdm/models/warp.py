@@ -32,7 +32,9 @@ def warp(x: torch.Tensor, grid: torch.Tensor, padding: str = "zeros") -> torch.T
     with torch.autocast(x.device.type, enabled=False):
         grid = grid.float()
         if grid.shape[1:3] != x.shape[2:]:
-            grid = F.interpolate(grid.permute(0, 3, 1, 2), size=x.shape[2:], mode="bilinear", align_corners=True)
+            grid = F.interpolate(
+                grid.permute(0, 3, 1, 2), size=x.shape[2:], mode="bilinear", align_corners=True
+            )
             grid = grid.permute(0, 2, 3, 1)
         warped = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=padding, align_corners=True)
     return warped.to(x.dtype)

@@ -21,23 +21,58 @@ BIN = Path(sys.executable).parent
 
 # The real params.yaml, shrunk: every stage runs in seconds on a CPU, same code paths.
 TINY = {
-    "data": {"image_size": 32, "num_frames": 4,
-             "embedded": {"clips_per_image": 2, "test_images": 2, "max_train_images": 4, "source_frames": 6}},
-    "lfae": {"base_channels": 8, "decoder_res_blocks": 1, "num_regions": 4,
-             "region_block_expansion": 8, "region_num_blocks": 2, "region_max_features": 32,
-             "flow_block_expansion": 8, "flow_num_blocks": 2, "flow_max_features": 32,
-             "bg_block_expansion": 8, "bg_num_blocks": 2, "bg_max_features": 32, "corr_channels": 8, "corr_radius": 2},
-    "pretrain_flow": {"teacher": "dis_ultrafast", "teacher_scale": 1, "pairs_per_clip": 2, "steps": 4, "batch_size": 4,
-                      "checkpoint_every": 2, "log_every": 1},
+    "data": {
+        "image_size": 32,
+        "num_frames": 4,
+        "embedded": {"clips_per_image": 2, "test_images": 2, "max_train_images": 4, "source_frames": 6},
+    },
+    "lfae": {
+        "base_channels": 8,
+        "decoder_res_blocks": 1,
+        "num_regions": 4,
+        "region_block_expansion": 8,
+        "region_num_blocks": 2,
+        "region_max_features": 32,
+        "flow_block_expansion": 8,
+        "flow_num_blocks": 2,
+        "flow_max_features": 32,
+        "bg_block_expansion": 8,
+        "bg_num_blocks": 2,
+        "bg_max_features": 32,
+        "corr_channels": 8,
+        "corr_radius": 2,
+    },
+    "pretrain_flow": {
+        "teacher": "dis_ultrafast",
+        "teacher_scale": 1,
+        "pairs_per_clip": 2,
+        "steps": 4,
+        "batch_size": 4,
+        "checkpoint_every": 2,
+        "log_every": 1,
+    },
     # stage one from scratch, so train_lfae runs on its own; test_real_footage takes the distilled F (the default)
-    "train_lfae": {"init": None, "freeze_motion": False, "steps": 4, "batch_size": 4, "checkpoint_every": 2,
-                   "log_every": 1},
+    "train_lfae": {
+        "init": None,
+        "freeze_motion": False,
+        "steps": 4,
+        "batch_size": 4,
+        "checkpoint_every": 2,
+        "log_every": 1,
+    },
     "extract_flow": {"batch_size": 4},
-    "dm": {"unet": {"dim": 8, "dim_mults": [1, 2], "resnet_groups": 4, "attn_heads": 2, "attn_dim_head": 8},
-           "diffusion": {"timesteps": 50}},
+    "dm": {
+        "unet": {"dim": 8, "dim_mults": [1, 2], "resnet_groups": 4, "attn_heads": 2, "attn_dim_head": 8},
+        "diffusion": {"timesteps": 50},
+    },
     "train_dm": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1},
-    "sample": {"steps": 2, "extra_labels": ["zoom in slowly"], "extra_label_videos": 1, "batch_size": 4,
-               "seen_videos": 2},
+    "sample": {
+        "steps": 2,
+        "extra_labels": ["zoom in slowly"],
+        "extra_label_videos": 1,
+        "batch_size": 4,
+        "seen_videos": 2,
+    },
     "evaluate": {"max_grid_videos": 2, "classifier_steps": 5},
 }
 
@@ -45,18 +80,27 @@ TINY = {
 def merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
-        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        out[key] = (
+            merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
     return out
 
 
 def service_env(home: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        PATH=f"{BIN}{os.pathsep}{env['PATH']}", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-        MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", DVC_NO_ANALYTICS="1",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(home / "prefect-home"),
-        GIT_AUTHOR_NAME="lfdm-test", GIT_AUTHOR_EMAIL="test@localhost",
-        GIT_COMMITTER_NAME="lfdm-test", GIT_COMMITTER_EMAIL="test@localhost",
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="true",
+        DVC_NO_ANALYTICS="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_HOME=str(home / "prefect-home"),
+        GIT_AUTHOR_NAME="lfdm-test",
+        GIT_AUTHOR_EMAIL="test@localhost",
+        GIT_COMMITTER_NAME="lfdm-test",
+        GIT_COMMITTER_EMAIL="test@localhost",
     )
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
@@ -75,8 +119,13 @@ def make_project(path: Path, overrides: dict | None = None) -> Path:
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (path / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     env = service_env(path)
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.check_update", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "tiny lfdm project"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.check_update", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "tiny lfdm project"],
+    ):
         subprocess.run(cmd, cwd=path, env=env, check=True, capture_output=True)
     return path
 
@@ -116,9 +165,24 @@ def start_mlflow_server(home: Path, port: int) -> subprocess.Popen:
     env = service_env(home, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     with log.open("a") as out:
         proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts")],
-            cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT,
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{home}/mlflow.db",
+                "--artifacts-destination",
+                str(home / "artifacts"),
+            ],
+            cwd=home,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, 120, log)
@@ -147,7 +211,10 @@ def prefect_server(tmp_path_factory) -> Iterator[str]:
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=home, env=service_env(home), stdout=out, stderr=subprocess.STDOUT,
+            cwd=home,
+            env=service_env(home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     api = f"http://127.0.0.1:{port}/api"
     try:

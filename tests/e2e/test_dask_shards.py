@@ -18,8 +18,12 @@ from .test_pipeline import run
 pytestmark = pytest.mark.slow
 
 # every stage gets several batches, so the shards split real work
-SMALL_BATCHES = {"tracking": {"enabled": False}, "extract_flow": {"batch_size": 2}, "sample": {"batch_size": 2},
-                 "evaluate": {"batch_size": 2}}
+SMALL_BATCHES = {
+    "tracking": {"enabled": False},
+    "extract_flow": {"batch_size": 2},
+    "sample": {"batch_size": 2},
+    "evaluate": {"batch_size": 2},
+}
 
 SHARDED_RUN = """
 import sys
@@ -59,9 +63,12 @@ def test_two_dask_workers_write_what_the_serial_run_wrote(tmp_path, prefect_serv
         assert sorted(got) == sorted(want) and want, store
         for name, value in want.items():
             np.testing.assert_allclose(got[name], value, atol=1e-3, err_msg=f"{store}/{name}")
-    assert read_manifest(sharded / "samples/manifest.parquet") == read_manifest(serial / "samples/manifest.parquet")
+    assert read_manifest(sharded / "samples/manifest.parquet") == read_manifest(
+        serial / "samples/manifest.parquet"
+    )
     assert (sharded / "samples/gifs").is_dir() and len(list((sharded / "samples/gifs").iterdir())) == len(
-        list((serial / "samples/gifs").iterdir()))
+        list((serial / "samples/gifs").iterdir())
+    )
 
     for stage in ("evaluate_references", "evaluate"):
         want = json.loads((project / f"metrics/{stage}.json").read_text())

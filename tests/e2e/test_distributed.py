@@ -26,8 +26,15 @@ pytestmark = pytest.mark.slow
 
 
 def stage(project: Path, name: str, env: dict) -> str:
-    result = subprocess.run([sys.executable, "-m", "stages", name], cwd=project, env=env, capture_output=True,
-                            text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages", name],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{name} exited {result.returncode}:\n{output[-6000:]}"
     return output
@@ -56,35 +63,41 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def test_process_shares_make_up_the_single_process_batches(tmp_path, monkeypatch):
     project = make_project(tmp_path / "project", {"tracking": {"enabled": False}})
     stage(project, "preprocess", service_env(tmp_path))
-    pairs = FramePairDataset(FrameStore(project / "data/frames.zarr"),
-                             read_manifest(project / "data/manifest.parquet", split="train"))
+    pairs = FramePairDataset(
+        FrameStore(project / "data/frames.zarr"),
+        read_manifest(project / "data/manifest.parquet", split="train"),
+    )
 
     def batches(world: int, rank: int) -> list[list[str]]:
         monkeypatch.setenv("WORLD_SIZE", str(world))
         monkeypatch.setenv("RANK", str(rank))
-        loader = sharded_loader(pairs, 4, "train_lfae.batch_size", seed=3, num_workers=0,
-                                generator=torch.Generator())
+        loader = sharded_loader(
+            pairs, 4, "train_lfae.batch_size", seed=3, num_workers=0, generator=torch.Generator()
+        )
         stream = BatchStream(loader)
         return [next(stream)["video_id"] for _ in range(3 * len(loader))]  # three epochs
 
     whole = batches(1, 0)
     shares = [batches(2, rank) for rank in range(2)]
     assert [sorted(a + b) for a, b in zip(*shares, strict=True)] == [sorted(batch) for batch in whole]
-    assert whole[: len(whole) // 3] != whole[len(whole) // 3: 2 * len(whole) // 3]  # each epoch reshuffles
+    assert whole[: len(whole) // 3] != whole[len(whole) // 3 : 2 * len(whole) // 3]  # each epoch reshuffles
     with pytest.raises(ValueError, match="train_lfae.batch_size: 4 is not divisible by the 3"):
         batches(3, 0)
 
 
 def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path):
     # equivariance off: no random transforms, so both LFAE runs see the very same frames at every step
-    project = make_project(tmp_path / "project", {
-        "tracking": {"experiment": "ddp", "uri": f"sqlite:///{tmp_path}/mlflow.db"},
-        "train_lfae": {"steps": 4, "batch_size": 4, "equivariance": {"weight": 0}},
-        "train_dm": {"steps": 4, "batch_size": 2, "lr": 2e-4},
-        # ε-prediction: at the zero-initialised output its loss is ≈ 1 whatever timesteps each process
-        # draws; the v-prediction loss ranges from |x0|² to 1 with t, so 2-sample batches would not compare
-        "dm": {"diffusion": {"prediction": "epsilon"}},
-    })
+    project = make_project(
+        tmp_path / "project",
+        {
+            "tracking": {"experiment": "ddp", "uri": f"sqlite:///{tmp_path}/mlflow.db"},
+            "train_lfae": {"steps": 4, "batch_size": 4, "equivariance": {"weight": 0}},
+            "train_dm": {"steps": 4, "batch_size": 2, "lr": 2e-4},
+            # ε-prediction: at the zero-initialised output its loss is ≈ 1 whatever timesteps each process
+            # draws; the v-prediction loss ranges from |x0|² to 1 with t, so 2-sample batches would not compare
+            "dm": {"diffusion": {"prediction": "epsilon"}},
+        },
+    )
     env = service_env(tmp_path)
     stage(project, "preprocess", env)
     runs: dict[int, dict[str, tuple]] = {}
@@ -97,8 +110,10 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path):
         stage(project, "train_dm", env)
         runs[nproc] = {
             name: (loss_curve(project, name, column), torch.load(project / path, weights_only=True)["model"])
-            for name, column, path in (("train_lfae", "loss/total", "data/models/lfae.pt"),
-                                       ("train_dm", "loss/diffusion", "data/models/dm.pt"))
+            for name, column, path in (
+                ("train_lfae", "loss/total", "data/models/lfae.pt"),
+                ("train_dm", "loss/diffusion", "data/models/dm.pt"),
+            )
         }
 
     # Not bit-equal, and cannot be on CPU: the LFAE's BatchNorm normalises each process's 2 samples, not
@@ -115,8 +130,11 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path):
 
     # one MLflow run per stage run: rank 0 logged the step losses into the run the launcher opened
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    found = client.search_runs([client.get_experiment_by_name("ddp").experiment_id],
-                               "tags.`lfdm.stage` = 'train_lfae'", order_by=["attributes.start_time DESC"])
+    found = client.search_runs(
+        [client.get_experiment_by_name("ddp").experiment_id],
+        "tags.`lfdm.stage` = 'train_lfae'",
+        order_by=["attributes.start_time DESC"],
+    )
     assert len(found) == 2 and found[0].info.status == "FINISHED"
     history = client.get_metric_history(found[0].info.run_id, "loss/total")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(runs[2]["train_lfae"][0])
@@ -124,8 +142,9 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path):
 
 
 def test_two_processes_keep_a_frozen_motion_fixed(tmp_path):
-    project = make_project(tmp_path / "project", {"tracking": {"enabled": False},
-                                                  "train_lfae": {"steps": 2, "batch_size": 4}})
+    project = make_project(
+        tmp_path / "project", {"tracking": {"enabled": False}, "train_lfae": {"steps": 2, "batch_size": 4}}
+    )
     env = service_env(tmp_path)
     stage(project, "preprocess", env)
     stage(project, "train_lfae", env)  # a warm start with this config's sizes
@@ -140,21 +159,31 @@ def test_two_processes_keep_a_frozen_motion_fixed(tmp_path):
         for key, value in frozen.state_dict().items():  # BatchNorm statistics included
             assert torch.equal(value, trained.state_dict()[key]), key
     assert not torch.equal(before.decoder.final.weight, after.decoder.final.weight)
-    assert not torch.equal(before.flow_predictor.pixelwise_flow_predictor.occlusion.weight,
-                           after.flow_predictor.pixelwise_flow_predictor.occlusion.weight)
+    assert not torch.equal(
+        before.flow_predictor.pixelwise_flow_predictor.occlusion.weight,
+        after.flow_predictor.pixelwise_flow_predictor.occlusion.weight,
+    )
 
 
 def test_killed_two_process_training_resumes_from_its_checkpoint(tmp_path):
     steps = 40
-    project = make_project(tmp_path / "project", {
-        "tracking": {"enabled": False},
-        "train_lfae": {"steps": steps, "checkpoint_every": 5, "log_every": 1, "nproc": 2},
-    })
+    project = make_project(
+        tmp_path / "project",
+        {
+            "tracking": {"enabled": False},
+            "train_lfae": {"steps": steps, "checkpoint_every": 5, "log_every": 1, "nproc": 2},
+        },
+    )
     env = service_env(tmp_path)
     stage(project, "preprocess", env)
     checkpoint = project / "data/checkpoints/train_lfae.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "stages", "train_lfae"], cwd=project, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages", "train_lfae"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not checkpoint.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "ended before its first checkpoint"

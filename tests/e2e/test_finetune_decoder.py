@@ -19,7 +19,14 @@ from stages import execute
 
 from .conftest import ROOT, TINY, merge
 
-FINETUNE = {"enabled": True, "root": "faces", "steps": 30, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 10}
+FINETUNE = {
+    "enabled": True,
+    "root": "faces",
+    "steps": 30,
+    "batch_size": 4,
+    "lr": 1e-3,
+    "checkpoint_every": 10,
+}
 
 
 def faces(root: Path) -> None:
@@ -60,7 +67,9 @@ def test_only_the_decoder_changes(finetuned) -> None:
     assert trained.keys() == tuned.keys()
     for key, value in trained.items():
         same = torch.equal(value, tuned[key])
-        assert same != key.startswith("decoder."), key  # Φ and F frozen (batch-norm statistics too), Ω trained
+        assert same != key.startswith("decoder."), (
+            key
+        )  # Φ and F frozen (batch-norm statistics too), Ω trained
 
 
 def test_metrics_compare_both_decoders_on_the_new_domain(finetuned) -> None:

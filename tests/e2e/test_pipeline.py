@@ -31,7 +31,9 @@ TRACKED = [stage for stage in STAGES if stage != "finetune_decoder"]  # off by d
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 1200) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    result = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{output[-6000:]}"
     return output
@@ -43,8 +45,15 @@ def stages_ran(output: str) -> list[str]:
 
 def assert_pipeline_outputs(project: Path) -> None:
     p = load_params(project / "params.yaml")
-    for out in (p.paths.frames, p.paths.manifest, p.paths.lfae, p.paths.flows, p.paths.embeddings, p.paths.dm,
-                p.paths.references):
+    for out in (
+        p.paths.frames,
+        p.paths.manifest,
+        p.paths.lfae,
+        p.paths.flows,
+        p.paths.embeddings,
+        p.paths.dm,
+        p.paths.references,
+    ):
         assert (project / out).exists(), out
     samples = project / p.paths.samples
     assert (samples / "manifest.parquet").is_file() and any((samples / "gifs").glob("*.gif"))
@@ -53,7 +62,13 @@ def assert_pipeline_outputs(project: Path) -> None:
         assert metrics and all(isinstance(v, (int, float)) for v in metrics.values()), stage
     evaluate = json.loads((project / p.paths.metrics / "evaluate.json").read_text())
     for method in ("lfdm", "static", "oracle"):
-        assert {f"l1/{method}", f"fvd/{method}", f"sfvd/{method}", f"accuracy/{method}", f"fid_mobilenetv2/{method}"} <= set(evaluate)
+        assert {
+            f"l1/{method}",
+            f"fvd/{method}",
+            f"sfvd/{method}",
+            f"accuracy/{method}",
+            f"fid_mobilenetv2/{method}",
+        } <= set(evaluate)
     assert {"accuracy/real", "flow_cosine", "fvd_seen/lfdm", "fvd_unseen/lfdm"} <= set(evaluate)
     assert evaluate["seen_videos"] == 2 and evaluate["fvd/static"] > 0
     assert "| lfdm |" in (project / p.paths.metrics / "evaluate_table.md").read_text()
@@ -93,7 +108,9 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
     evaluated = json.loads((project / "metrics/evaluate.json").read_text())
     headline = parent.data.metrics  # evaluate's headline, on the parent
     assert headline["fvd/lfdm"] == pytest.approx(evaluated["fvd/lfdm"])
-    assert headline["fvd_vs_static/oracle"] == pytest.approx(evaluated["fvd/oracle"] / evaluated["fvd/static"])
+    assert headline["fvd_vs_static/oracle"] == pytest.approx(
+        evaluated["fvd/oracle"] / evaluated["fvd/static"]
+    )
     client, by_name = MlflowClient(mlflow_server), {r.info.run_name: r for r in children}
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     for name, stage_run in by_name.items():  # each run names the outputs DVC recorded
@@ -113,14 +130,40 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
     Image.fromarray(FrameStore(project / "data/frames.zarr").read(first_test_clip(project), [0])[0]).save(
         project / "face.png"
     )
-    out = run([str(BIN / "lfdm"), "generate", "--image", "face.png", "--label", "zoom in very slowly",
-               "--out", "clip.mp4", "--flow-out", "flow.png", "--steps", "3", "--timestep-spacing", "trailing"],
-              project, env)
+    out = run(
+        [
+            str(BIN / "lfdm"),
+            "generate",
+            "--image",
+            "face.png",
+            "--label",
+            "zoom in very slowly",
+            "--out",
+            "clip.mp4",
+            "--flow-out",
+            "flow.png",
+            "--steps",
+            "3",
+            "--timestep-spacing",
+            "trailing",
+        ],
+        project,
+        env,
+    )
     assert "wrote clip.mp4 (4 frames" in out
-    assert count_frames(project / "clip.mp4") == 4 and Image.open(project / "flow.png").size == (4 * 8 * 4, 8 * 4)
+    assert count_frames(project / "clip.mp4") == 4 and Image.open(project / "flow.png").size == (
+        4 * 8 * 4,
+        8 * 4,
+    )
     (project / "notes.png").write_text("not an image")
-    bad = subprocess.run([str(BIN / "lfdm"), "generate", "--image", "notes.png", "--label", "zoom in", "--out",
-                          "x.gif"], cwd=project, env=env, capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [str(BIN / "lfdm"), "generate", "--image", "notes.png", "--label", "zoom in", "--out", "x.gif"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2 and "notes.png: not a readable image" in bad.stderr
 
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -131,17 +174,25 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
 
 def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_server):
     """The deployment as users run it, with the clip-by-clip stages sharded over 2 local Dask workers."""
-    project = make_project(tmp_path / "project", {"tracking": {"experiment": "prefect-e2e"},
-                                                  "parallel": {"dask": True, "shards": 2, "workers": 2}})
+    project = make_project(
+        tmp_path / "project",
+        {"tracking": {"experiment": "prefect-e2e"}, "parallel": {"dask": True, "shards": 2, "workers": 2}},
+    )
     env = service_env(tmp_path, PREFECT_API_URL=prefect_server, MLFLOW_TRACKING_URI=mlflow_server)
     log = tmp_path / "serve.log"
     with log.open("w") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=project, env=env, stdout=out,
-                                 stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.serve"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 120
-        while subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "lfdm/full"], cwd=project, env=env,
-                             capture_output=True, check=False).returncode:
+        while subprocess.run(
+            [str(BIN / "prefect"), "deployment", "inspect", "lfdm/full"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            check=False,
+        ).returncode:
             assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
         output = run([str(BIN / "prefect"), "deployment", "run", "lfdm/full", "--watch"], project, env)
@@ -162,17 +213,28 @@ def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_s
 
 def test_killed_training_stage_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
     steps = 60
-    project = make_project(tmp_path / "project", {"tracking": {"enabled": False},
-                                                   "train_lfae": {"steps": steps, "checkpoint_every": 5,
-                                                                  "log_every": 1}})
+    project = make_project(
+        tmp_path / "project",
+        {
+            "tracking": {"enabled": False},
+            "train_lfae": {"steps": steps, "checkpoint_every": 5, "log_every": 1},
+        },
+    )
     env = service_env(tmp_path)
     run([sys.executable, "-m", "stages", "preprocess"], project, env)
     checkpoint = project / "data/checkpoints/train_lfae.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "stages", "train_lfae"], cwd=project, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages", "train_lfae"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not checkpoint.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "train_lfae ended before its first checkpoint"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "train_lfae ended before its first checkpoint"
+        )
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

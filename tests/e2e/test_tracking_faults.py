@@ -29,21 +29,35 @@ def test_a_training_stage_completes_when_its_mlflow_server_dies(tmp_path, monkey
     home, port = tmp_path / "server", free_port()
     home.mkdir()
     url = f"http://127.0.0.1:{port}"
-    project = make_project(tmp_path / "project", {"tracking": {"experiment": "faults"},
-                                                  "train_lfae": {"steps": 2, "log_every": 1}})
+    project = make_project(
+        tmp_path / "project",
+        {"tracking": {"experiment": "faults"}, "train_lfae": {"steps": 2, "log_every": 1}},
+    )
     env = service_env(tmp_path, MLFLOW_TRACKING_URI=url)
     server = start_mlflow_server(home, port)
     try:
-        subprocess.run([sys.executable, "-m", "stages", "preprocess"], cwd=project, env=env, check=True,
-                       capture_output=True)
-        stage = subprocess.Popen([sys.executable, "-m", "stages", "train_lfae"], cwd=project, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.run(
+            [sys.executable, "-m", "stages", "preprocess"],
+            cwd=project,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "stages", "train_lfae"],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         client = MlflowClient(url)
         deadline = time.monotonic() + 300
         while True:  # until the stage has logged its first step, then the server dies (all its processes)
             assert stage.poll() is None and time.monotonic() < deadline, "train_lfae ended before step 1"
-            found = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
-                                       "tags.`lfdm.stage` = 'train_lfae'")
+            found = client.search_runs(
+                [client.get_experiment_by_name("faults").experiment_id], "tags.`lfdm.stage` = 'train_lfae'"
+            )
             if found and client.get_metric_history(found[0].info.run_id, "loss/total"):
                 break
             time.sleep(0.1)
@@ -72,8 +86,14 @@ def test_required_tracking_fails_fast_naming_the_uri(tmp_path):
     project = make_project(tmp_path / "project", {"tracking": {"required": True}})
     url = f"http://127.0.0.1:{free_port()}"  # nobody listens
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "stages", "preprocess"], cwd=project, capture_output=True,
-                            text=True, env=service_env(tmp_path, MLFLOW_TRACKING_URI=url), check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages", "preprocess"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=service_env(tmp_path, MLFLOW_TRACKING_URI=url),
+        check=False,
+    )
     elapsed = time.monotonic() - start
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"error: preprocess: MLflow tracking at {url} failed" in result.stderr
@@ -83,8 +103,14 @@ def test_required_tracking_fails_fast_naming_the_uri(tmp_path):
 
 def test_dvc_exp_run_temp_keeps_its_mlflow_runs(tmp_path):
     project = make_project(tmp_path / "project")  # the default store: sqlite:///mlflow.db
-    result = subprocess.run(["dvc", "exp", "run", "--temp", "preprocess"], cwd=project,
-                            env=service_env(tmp_path), capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["dvc", "exp", "run", "--temp", "preprocess"],
+        cwd=project,
+        env=service_env(tmp_path),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")  # at the repository's root, not in the temp copy
     experiment = client.get_experiment_by_name("lfdm")
@@ -95,9 +121,17 @@ def test_dvc_exp_run_temp_keeps_its_mlflow_runs(tmp_path):
     assert experiment.artifact_location == (project / "mlruns/lfdm").as_uri()
 
     # the run names the outputs DVC recorded for the experiment, by their md5
-    ref = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project, check=True,
-                         capture_output=True, text=True).stdout.split()[0]
-    lock = yaml.safe_load(subprocess.run(["git", "show", f"{ref}:dvc.lock"], cwd=project, check=True,
-                                         capture_output=True, text=True).stdout)
+    ref = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+        cwd=project,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()[0]
+    lock = yaml.safe_load(
+        subprocess.run(
+            ["git", "show", f"{ref}:dvc.lock"], cwd=project, check=True, capture_output=True, text=True
+        ).stdout
+    )
     recorded = {f"dvc.md5.{out['path']}": out["md5"] for out in lock["stages"]["preprocess"]["outs"]}
     assert len(recorded) == 4 and {k: runs["preprocess"].data.tags.get(k) for k in recorded} == recorded

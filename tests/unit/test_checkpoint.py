@@ -34,13 +34,17 @@ TRAIN = [ManifestRow(f"train-{i}", "wave", "anna", "train", 8, "folder", (0, 7))
 
 def test_lfae_warm_start_loads_matching_weights_and_names_what_differs(tmp_path):
     trained = LatentFlowAutoEncoder(TINY_LFAE)
-    save_lfae(tmp_path / "lfae.pt", trained, TINY_LFAE, image_size=32, step=2000, data=trained_on(DATA, 0, TRAIN))
+    save_lfae(
+        tmp_path / "lfae.pt", trained, TINY_LFAE, image_size=32, step=2000, data=trained_on(DATA, 0, TRAIN)
+    )
     fresh = LatentFlowAutoEncoder(TINY_LFAE)
     assert init_lfae(fresh, tmp_path / "lfae.pt", 32, DATA, ["test-0"]) == 2000
     for a, b in zip(trained.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     wider = LatentFlowAutoEncoder(TINY_LFAE.model_copy(update={"base_channels": 16}))
-    with pytest.raises(ValueError, match=r"lfae.pt was built with other settings: base_channels \(checkpoint 8"):
+    with pytest.raises(
+        ValueError, match=r"lfae.pt was built with other settings: base_channels \(checkpoint 8"
+    ):
         init_lfae(wider, tmp_path / "lfae.pt", 32, DATA, [])
     with pytest.raises(ValueError, match=r"data.image_size \(checkpoint 32, params 64\)"):
         init_lfae(fresh, tmp_path / "lfae.pt", 64, DATA, [])
@@ -52,18 +56,30 @@ def test_a_flow_predictor_checkpoint_warm_starts_f_alone(tmp_path):
     fresh = LatentFlowAutoEncoder(TINY_LFAE)
     encoder = {k: v.clone() for k, v in fresh.encoder.state_dict().items()}
     assert init_lfae(fresh, tmp_path / "f.pt", 32, DATA, []) == 50
-    for a, b in zip(trained.flow_predictor.state_dict().values(), fresh.flow_predictor.state_dict().values(), strict=True):
+    for a, b in zip(
+        trained.flow_predictor.state_dict().values(), fresh.flow_predictor.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
     assert all(torch.equal(v, fresh.encoder.state_dict()[k]) for k, v in encoder.items())  # Φ untouched
 
 
 def test_a_warm_start_that_saw_a_test_clip_is_refused_and_other_footage_is_named(tmp_path):
-    save_flow_predictor(tmp_path / "f.pt", LatentFlowAutoEncoder(TINY_LFAE), image_size=32, step=1,
-                        data=trained_on(DATA, 0, TRAIN))
+    save_flow_predictor(
+        tmp_path / "f.pt",
+        LatentFlowAutoEncoder(TINY_LFAE),
+        image_size=32,
+        step=1,
+        data=trained_on(DATA, 0, TRAIN),
+    )
     model = LatentFlowAutoEncoder(TINY_LFAE)
-    with pytest.raises(ValueError, match=r"f.pt was trained on 1 of this dataset's test clips \(train-2\).*seed 0"):
+    with pytest.raises(
+        ValueError, match=r"f.pt was trained on 1 of this dataset's test clips \(train-2\).*seed 0"
+    ):
         init_lfae(model, tmp_path / "f.pt", 32, DATA, ["train-2", "test-0"])
-    with pytest.warns(WarmStartWarning, match=r"trained on data.dataset 'folder' \(root 'clips'\), the params name 'embedded'"):
+    with pytest.warns(
+        WarmStartWarning,
+        match=r"trained on data.dataset 'folder' \(root 'clips'\), the params name 'embedded'",
+    ):
         init_lfae(model, tmp_path / "f.pt", 32, DataConfig(), [])
     save_lfae(tmp_path / "old.pt", model, TINY_LFAE, image_size=32, step=1)
     with pytest.warns(WarmStartWarning, match="does not record what it was trained on"):
@@ -71,10 +87,15 @@ def test_a_warm_start_that_saw_a_test_clip_is_refused_and_other_footage_is_named
 
 
 def test_dm_round_trip(tmp_path):
-    cfg = DMConfig(unet=UNetConfig(dim=8, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8,
-                                   null_embedding="learned"))
+    cfg = DMConfig(
+        unet=UNetConfig(
+            dim=8, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8, null_embedding="learned"
+        )
+    )
     diffusion = FlowDiffusion(Unet3D(cfg.unet, cond_channels=4, text_dim=6, latent_size=8), cfg.diffusion)
-    save_dm(tmp_path / "dm.pt", diffusion, cfg, cond_channels=4, text_dim=6, num_frames=3, latent_size=8, step=2)
+    save_dm(
+        tmp_path / "dm.pt", diffusion, cfg, cond_channels=4, text_dim=6, num_frames=3, latent_size=8, step=2
+    )
     loaded, meta = load_dm(tmp_path / "dm.pt", torch.device("cpu"))
     assert meta["num_frames"] == 3 and DMConfig.model_validate(meta["config"]) == cfg
     for a, b in zip(diffusion.state_dict().values(), loaded.state_dict().values(), strict=True):
@@ -84,7 +105,9 @@ def test_dm_round_trip(tmp_path):
 def test_dm_saved_before_displacement_range_loads_with_the_unit_range(tmp_path):
     cfg = DMConfig(unet=UNetConfig(dim=8, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8))
     diffusion = FlowDiffusion(Unet3D(cfg.unet, cond_channels=4, text_dim=6, latent_size=8), cfg.diffusion)
-    save_dm(tmp_path / "dm.pt", diffusion, cfg, cond_channels=4, text_dim=6, num_frames=3, latent_size=8, step=2)
+    save_dm(
+        tmp_path / "dm.pt", diffusion, cfg, cond_channels=4, text_dim=6, num_frames=3, latent_size=8, step=2
+    )
     old = load_checkpoint(tmp_path / "dm.pt")
     del old["config"]["diffusion"]["displacement_range"]
     old["config"]["diffusion"]["threshold_percentile"] = 0.9  # valid only on the unit range
@@ -143,7 +166,9 @@ def test_training_state_resumes_the_ema_of_the_weights(tmp_path):
         state.step += 1
     state.save()
     shadow = [p.clone() for p in ema.shadow_params]
-    assert any(not torch.equal(s, p) for s, p in zip(shadow, model.parameters(), strict=True))  # the EMA lags the weights
+    assert any(
+        not torch.equal(s, p) for s, p in zip(shadow, model.parameters(), strict=True)
+    )  # the EMA lags the weights
 
     resumed, _, resumed_ema = fresh()
     assert resumed.resume() and resumed.step == 3

@@ -27,52 +27,95 @@ BAD_PARAMS = {
     "unknown-dataset": ({"data": {"dataset": "ucf101"}}, "data.dataset"),
     "guidance-negative": ({"sample": {"guidance": -1}}, "sample.guidance"),
     "flow-hourglass-too-deep": (
-        {"data": {"image_size": 16}, "lfae": {"region_num_blocks": 2}}, "lfae.flow_num_blocks halves the 4px"
+        {"data": {"image_size": 16}, "lfae": {"region_num_blocks": 2}},
+        "lfae.flow_num_blocks halves the 4px",
     ),
     "bg-scale-not-1-over-n": ({"lfae": {"bg_scale": 0.3}}, "lfae.bg_scale: .*must be 1/n"),
     "bg-hourglass-too-deep": ({"lfae": {"bg_num_blocks": 6}}, "lfae.bg_num_blocks halves the 32px frames"),
     "latent-not-divisible": (
-        {"data": {"image_size": 48}}, "lfae.region_num_blocks halves the 12px latent .* divisible by 8"
+        {"data": {"image_size": 48}},
+        "lfae.region_num_blocks halves the 12px latent .* divisible by 8",
     ),
     "unet-too-deep": (
-        {"data": {"image_size": 16}, "lfae": {"region_num_blocks": 2, "flow_num_blocks": 2},
-         "dm": {"unet": {"dim_mults": [1, 2, 4, 8]}}},
+        {
+            "data": {"image_size": 16},
+            "lfae": {"region_num_blocks": 2, "flow_num_blocks": 2},
+            "dm": {"unet": {"dim_mults": [1, 2, 4, 8]}},
+        },
         "dm.unet.dim_mults halves",
     ),
     "lr-inf": ({"train_dm": {"lr": float("inf")}}, "train_dm.lr"),
     "displacement-range-inf": (
-        {"dm": {"diffusion": {"displacement_range": float("inf")}}}, "dm.diffusion.displacement_range"
+        {"dm": {"diffusion": {"displacement_range": float("inf")}}},
+        "dm.diffusion.displacement_range",
     ),
     "guidance-nan": ({"sample": {"guidance": float("nan")}}, "sample.guidance"),
     "seed-negative": ({"seed": -1}, "seed"),
     "seed-above-32-bits": ({"seed": 2**32}, "seed: Input should be less than 4294967296"),
     "sample-seed-negative": ({"sample": {"seed": -1}}, "sample.seed"),
     "beta2-one": ({"train_dm": {"betas": [0.9, 1.0]}}, "train_dm.betas.1: Input should be less than 1"),
-    "beta1-above-one": ({"train_lfae": {"betas": [1.5, 0.999]}}, "train_lfae.betas.0: Input should be less than 1"),
-    "beta-negative": ({"pretrain_flow": {"betas": [-0.1, 0.999]}}, "pretrain_flow.betas.0: .*greater than or equal to 0"),
+    "beta1-above-one": (
+        {"train_lfae": {"betas": [1.5, 0.999]}},
+        "train_lfae.betas.0: Input should be less than 1",
+    ),
+    "beta-negative": (
+        {"pretrain_flow": {"betas": [-0.1, 0.999]}},
+        "pretrain_flow.betas.0: .*greater than or equal to 0",
+    ),
     "finetune-beta2-one": ({"finetune_decoder": {"betas": [0.5, 1]}}, "finetune_decoder.betas.1"),
     "one-beta": ({"train_dm": {"betas": [0.9]}}, "train_dm.betas.1: Field required"),
-    "device-unknown": ({"device": "banana"}, "device: unknown device 'banana'; expected auto, cpu, cuda or cuda:N"),
-    "device-bad-index": ({"device": "cuda:x"}, "device: unknown device 'cuda:x'"),
-    "milestone-above-one": ({"train_lfae": {"milestones": [0.6, 1.5]}}, "train_lfae.milestones.1: .*less than or equal to 1"),
-    "milestone-zero": ({"train_dm": {"milestones": [0]}}, "train_dm.milestones.0: Input should be greater than 0"),
-    "scale-not-1-over-n": ({"train_lfae": {"perceptual": {"scales": [1.0, 0.3]}}}, "train_lfae.perceptual.scales: must be 1/n"),
-    "scale-above-one": ({"train_lfae": {"perceptual": {"scales": [2.0]}}}, "train_lfae.perceptual.scales.0: .*less than or equal"),
-    "no-scales": ({"train_lfae": {"perceptual": {"scales": []}}}, "train_lfae.perceptual.scales: must list at least one"),
-    "groups-not-dividing-dim": ({"dm": {"unet": {"dim": 36}}}, "dm.unet: resnet_groups: 8 groups do not divide dim=36"),
-    "steps-above-timesteps": ({"sample": {"steps": 1001}}, "sample.steps: 1001 sampling steps, .* dm.diffusion.timesteps=1000"),
-    "embedded-frames-below-k": (
-        {"data": {"embedded": {"source_frames": 8}}}, "data: embedded.source_frames: 8 rendered frames .* num_frames=10"
+    "device-unknown": (
+        {"device": "banana"},
+        "device: unknown device 'banana'; expected auto, cpu, cuda or cuda:N",
     ),
-    "finetune-without-root": ({"finetune_decoder": {"enabled": True}}, "finetune_decoder.root: the new domain's directory"),
+    "device-bad-index": ({"device": "cuda:x"}, "device: unknown device 'cuda:x'"),
+    "milestone-above-one": (
+        {"train_lfae": {"milestones": [0.6, 1.5]}},
+        "train_lfae.milestones.1: .*less than or equal to 1",
+    ),
+    "milestone-zero": (
+        {"train_dm": {"milestones": [0]}},
+        "train_dm.milestones.0: Input should be greater than 0",
+    ),
+    "scale-not-1-over-n": (
+        {"train_lfae": {"perceptual": {"scales": [1.0, 0.3]}}},
+        "train_lfae.perceptual.scales: must be 1/n",
+    ),
+    "scale-above-one": (
+        {"train_lfae": {"perceptual": {"scales": [2.0]}}},
+        "train_lfae.perceptual.scales.0: .*less than or equal",
+    ),
+    "no-scales": (
+        {"train_lfae": {"perceptual": {"scales": []}}},
+        "train_lfae.perceptual.scales: must list at least one",
+    ),
+    "groups-not-dividing-dim": (
+        {"dm": {"unet": {"dim": 36}}},
+        "dm.unet: resnet_groups: 8 groups do not divide dim=36",
+    ),
+    "steps-above-timesteps": (
+        {"sample": {"steps": 1001}},
+        "sample.steps: 1001 sampling steps, .* dm.diffusion.timesteps=1000",
+    ),
+    "embedded-frames-below-k": (
+        {"data": {"embedded": {"source_frames": 8}}},
+        "data: embedded.source_frames: 8 rendered frames .* num_frames=10",
+    ),
+    "finetune-without-root": (
+        {"finetune_decoder": {"enabled": True}},
+        "finetune_decoder.root: the new domain's directory",
+    ),
     "finetune-on-embedded": (
-        {"finetune_decoder": {"enabled": True, "root": "faces", "dataset": "embedded"}}, "finetune_decoder.dataset"
+        {"finetune_decoder": {"enabled": True, "root": "faces", "dataset": "embedded"}},
+        "finetune_decoder.dataset",
     ),
     "finetuned-decoder-disabled": (
-        {"sample": {"decoder": "finetuned"}}, "sample.decoder: 'finetuned' needs finetune_decoder.enabled"
+        {"sample": {"decoder": "finetuned"}},
+        "sample.decoder: 'finetuned' needs finetune_decoder.enabled",
     ),
     "frozen-motion-without-init": (
-        {"train_lfae": {"init": None}}, "train_lfae.*freeze_motion: true keeps the warm start's flow fixed"
+        {"train_lfae": {"init": None}},
+        "train_lfae.*freeze_motion: true keeps the warm start's flow fixed",
     ),
     "thresholding-beyond-the-range": (
         {"dm": {"diffusion": {"threshold_percentile": 0.9}}},
@@ -91,7 +134,12 @@ def test_bad_params_name_the_key(raw, message):
     ("name", "cuda", "count", "message"),
     [
         ("banana", False, 0, "device: unknown device 'banana'"),
-        ("cuda", False, 0, "device: 'cuda' asks for CUDA, but torch .* sees no CUDA .*; set device to auto or cpu"),
+        (
+            "cuda",
+            False,
+            0,
+            "device: 'cuda' asks for CUDA, but torch .* sees no CUDA .*; set device to auto or cpu",
+        ),
         ("cuda:0", False, 0, "device: 'cuda:0' asks for CUDA"),
         ("cuda:1", True, 1, r"device: 'cuda:1', but torch sees 1 CUDA device\(s\) \(cuda:0 … cuda:0\)"),
     ],

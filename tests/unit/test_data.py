@@ -177,9 +177,15 @@ def test_embedded_true_flow_warps_one_frame_into_another(default_clips, label):
     clip = next(c for c in default_clips if c.label == label)
     frames = to_tensor(clip.frames)
     for source, driving in ((0, 5), (4, 2), (3, 9)):
-        grid = torch.from_numpy(true_flow(clip.camera, source, driving, frames.shape[-1], frames.shape[-1]))[None]
-        inside = (grid.abs() < 0.9).all(-1)[0]  # driving pixels whose source lies well inside the source frame
-        warped_error = (warp(frames[source : source + 1], grid) - frames[driving])[0].abs().mean(0)[inside].mean()
+        grid = torch.from_numpy(true_flow(clip.camera, source, driving, frames.shape[-1], frames.shape[-1]))[
+            None
+        ]
+        inside = (grid.abs() < 0.9).all(-1)[
+            0
+        ]  # driving pixels whose source lies well inside the source frame
+        warped_error = (
+            (warp(frames[source : source + 1], grid) - frames[driving])[0].abs().mean(0)[inside].mean()
+        )
         still_error = (frames[source] - frames[driving]).abs().mean(0)[inside].mean()
         assert warped_error < 0.4 * still_error and warped_error < 0.02, (clip.video_id, source, driving)
 

@@ -412,6 +412,8 @@ def test_a_label_with_only_test_clips_is_named_at_preprocess(tmp_path) -> None:
     for name in ("a", "b", "c"):
         frame_folder(root / name, carphone(4))
     write_labels(root, "video,label,split\na,talk,train\nb,talk,test\nc,raise both arms,test\n")
-    with pytest.warns(TestOnlyLabelWarning, match=r"\['raise both arms'\] have test clips but no training clip"):
+    with pytest.warns(
+        TestOnlyLabelWarning, match=r"\['raise both arms'\] have test clips but no training clip"
+    ):
         metrics, rows, _ = run_preprocess(tmp_path, dataset="folder", root=str(root))
     assert metrics["test_only_labels"] == 1 and len(rows) == 3  # nothing lost

@@ -285,7 +285,9 @@ def test_dynamic_thresholding_follows_the_official_rule(kind: str) -> None:
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize(("kind", "eta"), [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("sde-dpmsolver++", 0.0)])
+@pytest.mark.parametrize(
+    ("kind", "eta"), [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("sde-dpmsolver++", 0.0)]
+)
 def test_sampling_is_reproducible_with_a_seed(kind: str, eta: float) -> None:
     diffusion = FlowDiffusion(TinyDenoiser(), DiffusionConfig(timesteps=20))
     cond, text = inputs()
@@ -318,7 +320,9 @@ def test_ddim_eta_reaches_the_scheduler() -> None:
     [("leading", [80, 60, 40, 20, 0]), ("trailing", [99, 79, 59, 39, 19]), ("linspace", [99, 74, 50, 25, 0])],
 )
 def test_ddim_timestep_spacing_sets_the_grid(spacing: str, grid: list[int]) -> None:
-    scheduler = make_scheduler(SamplerConfig(steps=5, timestep_spacing=spacing), DiffusionConfig(timesteps=100))
+    scheduler = make_scheduler(
+        SamplerConfig(steps=5, timestep_spacing=spacing), DiffusionConfig(timesteps=100)
+    )
     scheduler.set_timesteps(5)
     assert scheduler.timesteps.tolist() == grid
 

@@ -48,4 +48,7 @@ def test_two_processes_meet_on_the_loopback_only(tmp_path):
     assert found["listening"] and set(found["listening"]) == {"127.0.0.1"}, found  # store and gloo's pairs
 
     # a process that fails stops the others (rank 0 would wait for rank 1 forever) and is named
-    assert distributed.run_workers([sys.executable, str(script), str(report)], 2, {"FAIL_RANK": "1"}) == (1, 3)
+    assert distributed.run_workers([sys.executable, str(script), str(report)], 2, {"FAIL_RANK": "1"}) == (
+        1,
+        3,
+    )

@@ -202,7 +202,9 @@ def test_fvd_applies_the_extractor_to_both_sets() -> None:
     g = torch.Generator().manual_seed(0)
     real, fake = torch.rand(6, 5, 4, 4, 3, generator=g), torch.rand(6, 5, 4, 4, 3, generator=g) * 0.5
     assert fvd(real, real, extractor) == pytest.approx(0, abs=1e-10)
-    assert fvd(real, fake, extractor) == pytest.approx(feature_frechet_distance(extractor(real), extractor(fake)))
+    assert fvd(real, fake, extractor) == pytest.approx(
+        feature_frechet_distance(extractor(real), extractor(fake))
+    )
 
 
 def test_grouped_fvd_measures_condition_agreement() -> None:
@@ -277,9 +279,13 @@ def test_mobilenet_features_equal_the_unfused_network(real_videos: torch.Tensor)
 
 def test_fvd_of_a_set_with_itself_is_zero_and_fvd_is_symmetric(real_features: np.ndarray) -> None:
     assert real_features.shape == (8, 400)
-    assert feature_frechet_distance(real_features, real_features) == pytest.approx(0, abs=1e-2)  # trace ≈ 1.1e3
+    assert feature_frechet_distance(real_features, real_features) == pytest.approx(
+        0, abs=1e-2
+    )  # trace ≈ 1.1e3
     faces, streets = real_features[:4], real_features[4:]
-    assert feature_frechet_distance(faces, streets) == pytest.approx(feature_frechet_distance(streets, faces), rel=1e-8)
+    assert feature_frechet_distance(faces, streets) == pytest.approx(
+        feature_frechet_distance(streets, faces), rel=1e-8
+    )
     assert feature_frechet_distance(faces, streets) > 1000  # talking head vs street scenes
 
 

@@ -22,10 +22,16 @@ from lfdm.video import count_frames
 def tiny_pipeline(bert: Path) -> LFDMPipeline:
     """32² frames, 3 of them, a 50-step DM, one embedded label; untrained weights."""
     config = PipelineConfig(
-        image_size=32, num_frames=3, text_dim=32, lfae=TINY_LFAE,
-        dm=DMConfig(unet=UNetConfig(dim=8, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8),
-                    diffusion=DiffusionConfig(timesteps=50)),
-        text=TextConfig(checkpoint=str(bert)), sampler=SamplerConfig(steps=2),
+        image_size=32,
+        num_frames=3,
+        text_dim=32,
+        lfae=TINY_LFAE,
+        dm=DMConfig(
+            unet=UNetConfig(dim=8, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8),
+            diffusion=DiffusionConfig(timesteps=50),
+        ),
+        text=TextConfig(checkpoint=str(bert)),
+        sampler=SamplerConfig(steps=2),
     )
     pipe = LFDMPipeline.from_config(config, {"zoom in": torch.randn(32)})
     torch.nn.init.normal_(pipe.diffusion.denoiser.final_conv.weight, std=0.1)  # untrained but not all-zero ε
@@ -80,8 +86,10 @@ def test_one_image_goes_with_every_prompt_and_one_prompt_with_every_image(pipe):
 
 def test_sampler_options_name_the_keyword(pipe):
     assert pipe.sampler_config() == SamplerConfig(steps=2)  # the saved default
-    assert pipe.sampler_config("dpmsolver++", num_inference_steps=7).model_dump() == \
-        SamplerConfig(sampler="dpmsolver++", steps=7).model_dump()
+    assert (
+        pipe.sampler_config("dpmsolver++", num_inference_steps=7).model_dump()
+        == SamplerConfig(sampler="dpmsolver++", steps=7).model_dump()
+    )
     cases = [
         ({"num_inference_steps": 0}, "steps", "num_inference_steps: .*greater than or equal to 1"),
         ({"num_inference_steps": 51}, "steps", "num_inference_steps: 51 is more than the model's 50"),
@@ -106,7 +114,10 @@ def test_save_and_load_round_trip_is_bit_identical(pipe, tmp_path):
     pipe.embed(["a prompt embedded on the fly"])
     pipe.save_pretrained(tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / CONFIG_NAME).read_text())
-    assert config["text"]["checkpoint"] == "text_encoder" and (tmp_path / "saved/text_encoder/config.json").is_file()
+    assert (
+        config["text"]["checkpoint"] == "text_encoder"
+        and (tmp_path / "saved/text_encoder/config.json").is_file()
+    )
     assert config["labels"] == list(pipe.embeddings) and config["sampler"]["steps"] == 2
     loaded = LFDMPipeline.from_pretrained(tmp_path / "saved")
     for a, b in ((pipe.lfae, loaded.lfae), (pipe.diffusion, loaded.diffusion)):
@@ -139,8 +150,13 @@ def test_images_of_any_depth_and_mode(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     Image.fromarray(np.dstack([rgb, np.full((40, 60), 7, np.uint8)])).save(tmp_path / "rgba.png")
     reference = load_image(rgb, 32)
-    for same in (tmp_path / "rgba.png", Image.open(tmp_path / "rgba.png"), rgb.astype(np.float32) / 255,
-                 rgb.astype(np.uint16) * 257, torch.from_numpy(rgb).permute(2, 0, 1)):
+    for same in (
+        tmp_path / "rgba.png",
+        Image.open(tmp_path / "rgba.png"),
+        rgb.astype(np.float32) / 255,
+        rgb.astype(np.uint16) * 257,
+        torch.from_numpy(rgb).permute(2, 0, 1),
+    ):
         assert torch.equal(load_image(same, 32), reference)
     grey = rgb[..., 0]
     assert torch.equal(load_image(grey, 32), load_image(grey[..., None], 32))
@@ -178,19 +194,42 @@ def project(pipe, tmp_path_factory):
     """A params.yaml whose relative paths name the tiny pipeline's checkpoints, and an image."""
     root = tmp_path_factory.mktemp("project")
     save_lfae(root / "models/lfae.pt", pipe.lfae, TINY_LFAE, image_size=32, step=1)
-    save_dm(root / "models/dm.pt", pipe.diffusion, pipe.config.dm, cond_channels=TINY_LFAE.latent_channels,
-            text_dim=32, num_frames=3, latent_size=8, step=1)
-    params = {"paths": {"lfae": "models/lfae.pt", "dm": "models/dm.pt", "embeddings": "models/none.pt"},
-              "text": {"checkpoint": pipe.config.text.checkpoint}, "sample": {"steps": 2}}
+    save_dm(
+        root / "models/dm.pt",
+        pipe.diffusion,
+        pipe.config.dm,
+        cond_channels=TINY_LFAE.latent_channels,
+        text_dim=32,
+        num_frames=3,
+        latent_size=8,
+        step=1,
+    )
+    params = {
+        "paths": {"lfae": "models/lfae.pt", "dm": "models/dm.pt", "embeddings": "models/none.pt"},
+        "text": {"checkpoint": pipe.config.text.checkpoint},
+        "sample": {"steps": 2},
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "elsewhere").mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / "face.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
+        root / "face.png"
+    )
     return root
 
 
 def generate(project: Path, *flags: str, out: str = "clip.gif") -> list[str]:
-    return ["--params", str(project / "params.yaml"), "generate", "--image", str(project / "face.png"),
-            "--label", "zoom in", "--out", str(project / "elsewhere" / out), *flags]
+    return [
+        "--params",
+        str(project / "params.yaml"),
+        "generate",
+        "--image",
+        str(project / "face.png"),
+        "--label",
+        "zoom in",
+        "--out",
+        str(project / "elsewhere" / out),
+        *flags,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -223,7 +262,11 @@ def test_generate_names_the_bad_flag_before_loading_anything(project, capsys, fl
     [
         ([], "clip.avi", "--out {out}: the file must end in .gif or .mp4"),
         ([], "face.png/clip.gif", "is not a directory"),  # never found after sampling
-        (["--sampler", "ddpm", "--steps", "20"], "clip.gif", "--steps: ddpm samples all 50 training timesteps"),
+        (
+            ["--sampler", "ddpm", "--steps", "20"],
+            "clip.gif",
+            "--steps: ddpm samples all 50 training timesteps",
+        ),
         (["--steps", "51"], "clip.gif", "--steps: 51 is more than the model's 50 training timesteps"),
     ],
 )
@@ -237,8 +280,24 @@ def test_generate_checks_the_output_and_the_model_before_sampling(project, capsy
 
 def test_generate_works_from_any_directory(project, capsys, monkeypatch):
     monkeypatch.chdir(project / "elsewhere")  # params.yaml is found above, its paths read from its folder
-    assert main(["generate", "--image", "../face.png", "--label", "zoom in", "--out", "clip.mp4",
-                 "--flow-out", "flow.png", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--image",
+                "../face.png",
+                "--label",
+                "zoom in",
+                "--out",
+                "clip.mp4",
+                "--flow-out",
+                "flow.png",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "wrote clip.mp4 (3 frames, ddim-2, g=1.0)" in out and "sampling: 100%" in err
     assert count_frames(project / "elsewhere/clip.mp4") == 3
@@ -252,7 +311,10 @@ def test_generate_names_a_missing_trained_model_with_exit_1(project, tmp_path, c
     argv = generate(project)
     argv[1] = str(tmp_path / "params.yaml")
     assert main(argv) == 1
-    assert f"{tmp_path}/untrained/dm.pt does not exist: train it (`dvc repro` in {tmp_path})" in capsys.readouterr().err
+    assert (
+        f"{tmp_path}/untrained/dm.pt does not exist: train it (`dvc repro` in {tmp_path})"
+        in capsys.readouterr().err
+    )
 
 
 def test_version_and_defaults_in_help(capsys):

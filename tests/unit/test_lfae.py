@@ -30,11 +30,17 @@ B, SIZE, C, K = 2, 32, 8, 4
 def tiny_cfg(**overrides) -> LFAEConfig:
     """MRAA's F unless ``motion_estimator`` says otherwise."""
     small = {"max_features": 32, "block_expansion": 8, "num_blocks": 2}
-    return LFAEConfig(**{
-        "base_channels": C, "decoder_res_blocks": 1, "num_regions": K, "motion_estimator": "mraa", "corr_channels": 8,
-        **{f"{part}_{key}": value for part in ("region", "flow", "bg") for key, value in small.items()},
-        **overrides,
-    })
+    return LFAEConfig(
+        **{
+            "base_channels": C,
+            "decoder_res_blocks": 1,
+            "num_regions": K,
+            "motion_estimator": "mraa",
+            "corr_channels": 8,
+            **{f"{part}_{key}": value for part in ("region", "flow", "bg") for key, value in small.items()},
+            **overrides,
+        }
+    )
 
 
 def frames(n: int = B) -> torch.Tensor:
@@ -73,7 +79,9 @@ def test_anti_alias_downsample():
         AntiAliasDownsample(3, 0.3)
 
 
-@pytest.mark.parametrize(("decoder", "estimator"), [("skips", "mraa"), ("latent", "mraa"), ("skips", "correlation")])
+@pytest.mark.parametrize(
+    ("decoder", "estimator"), [("skips", "mraa"), ("latent", "mraa"), ("skips", "correlation")]
+)
 def test_forward_shapes(decoder: str, estimator: str):
     model = LatentFlowAutoEncoder(tiny_cfg(decoder=decoder, motion_estimator=estimator))
     source, driving = frames(), frames()
@@ -90,7 +98,9 @@ def test_forward_shapes(decoder: str, estimator: str):
     assert out["flow"].shape == (B, SIZE // 4, SIZE // 4, 2)
     assert out["occlusion"].shape == (B, 1, SIZE // 4, SIZE // 4)
     assert out["occlusion"].min() >= 0 and out["occlusion"].max() <= 1
-    for regions in (out["source_regions"], out["driving_regions"]) if estimator == "mraa" else (out["driving_regions"],):
+    for regions in (
+        (out["source_regions"], out["driving_regions"]) if estimator == "mraa" else (out["driving_regions"],)
+    ):
         assert regions["heatmap"].shape == (B, K, SIZE // 4, SIZE // 4)
         torch.testing.assert_close(regions["heatmap"].sum(dim=(2, 3)), torch.ones(B, K))
         assert regions["shift"].shape == (B, K, 2)
@@ -109,7 +119,9 @@ def test_a_region_collapsed_onto_one_pixel_keeps_an_invertible_covariance():
         predictor.heatmap.weight[:, :, 3, 3] = 1e4  # logits follow the input: every heatmap becomes one-hot
     regions = predictor(frames())
     assert regions["heatmap"].amax(dim=(2, 3)).min() > 0.999
-    torch.testing.assert_close(regions["covar"], torch.eye(2).expand(B, K, 2, 2) * REGION_VAR_FLOOR, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        regions["covar"], torch.eye(2).expand(B, K, 2, 2) * REGION_VAR_FLOOR, atol=1e-6, rtol=0
+    )
     out = model(frames(), frames())
     assert torch.isfinite(out["flow"]).all() and torch.isfinite(out["prediction"]).all()
 
@@ -147,7 +159,9 @@ def test_background_encoder_sees_both_frames_downscaled_and_the_coordinates():
     side = SIZE // 2
     assert seen[0].shape == (B, 8, side, side)
     torch.testing.assert_close(seen[0][:, :6], bg.down(torch.cat((x, y), dim=1)))
-    torch.testing.assert_close(seen[0][:, 6:], identity_grid(side, side).permute(2, 0, 1).expand(B, 2, side, side))
+    torch.testing.assert_close(
+        seen[0][:, 6:], identity_grid(side, side).permute(2, 0, 1).expand(B, 2, side, side)
+    )
 
 
 def test_background_motion_is_its_affine_applied_to_the_grid():
@@ -229,11 +243,15 @@ def test_correlation_finds_a_shift_between_feature_maps():
 def test_affine_fits_recover_affine_motion_and_ignore_a_minority():
     theta = torch.tensor([[[[0.95, -0.1, 0.05], [0.12, 1.05, -0.1]]]])
     field = affine_motions(theta, 12, 12)[:, 0]
-    torch.testing.assert_close(fit_affine(field, torch.ones(1, 1, 12, 12), ridge=0.0), theta, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        fit_affine(field, torch.ones(1, 1, 12, 12), ridge=0.0), theta, atol=1e-4, rtol=0
+    )
     moving = field.clone()
     moving[:, 3:7, 3:7] += 0.4  # a patch moving on its own, a ninth of the frame
     torch.testing.assert_close(robust_affine(moving), theta, atol=5e-3, rtol=0)
-    assert (fit_affine(moving, torch.ones(1, 1, 12, 12)) - theta).abs().max() > 0.02  # plain least squares is dragged
+    assert (
+        fit_affine(moving, torch.ones(1, 1, 12, 12)) - theta
+    ).abs().max() > 0.02  # plain least squares is dragged
 
 
 def test_correlation_motions_are_the_fits_and_the_local_motion():
@@ -328,7 +346,10 @@ def test_frozen_motion_keeps_the_flow_while_the_rest_learns(estimator: str):
     model.train()  # must leave F's motion in eval mode, or BatchNorm statistics would move the flow
     trainable = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.1)
-    decoder, occlusion = model.decoder.final.weight.clone(), model.flow_predictor.pixelwise_flow_predictor.occlusion.weight.clone()
+    decoder, occlusion = (
+        model.decoder.final.weight.clone(),
+        model.flow_predictor.pixelwise_flow_predictor.occlusion.weight.clone(),
+    )
     for _ in range(2):
         optimizer.zero_grad()
         (model(source, driving)["prediction"].mean() + model(source, driving)["occlusion"].mean()).backward()

@@ -296,12 +296,21 @@ def test_distillation_brings_f_towards_the_teacher_on_a_real_clip(estimator) -> 
 
     before = error()
     for step in range(80):
-        losses = distillation_loss(model(source, driving), model, driving, teacher.grid, teacher.reliable, cfg)
+        losses = distillation_loss(
+            model(source, driving), model, driving, teacher.grid, teacher.reliable, cfg
+        )
         optimizer.zero_grad()
         losses["total"].backward()
         optimizer.step()
         if step == 0:
-            expected = {"flow", "background", "regions", "occlusion", "equivariance_shift", "equivariance_affine"}
+            expected = {
+                "flow",
+                "background",
+                "regions",
+                "occlusion",
+                "equivariance_shift",
+                "equivariance_affine",
+            }
             assert set(losses) - {"total"} == expected | ({"local"} if estimator == "correlation" else set())
             assert model.pixelwise_flow_predictor.occlusion.weight.grad.abs().sum() > 0
     assert error() < 0.6 * before, (before, error())

@@ -14,9 +14,18 @@ from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
 
 TINY_LFAE = LFAEConfig(
-    base_channels=8, decoder_res_blocks=1, num_regions=4, region_block_expansion=8, region_num_blocks=2,
-    region_max_features=32, flow_block_expansion=8, flow_num_blocks=2, flow_max_features=32,
-    bg_block_expansion=8, bg_num_blocks=2, bg_max_features=32,
+    base_channels=8,
+    decoder_res_blocks=1,
+    num_regions=4,
+    region_block_expansion=8,
+    region_num_blocks=2,
+    region_max_features=32,
+    flow_block_expansion=8,
+    flow_num_blocks=2,
+    flow_max_features=32,
+    bg_block_expansion=8,
+    bg_num_blocks=2,
+    bg_max_features=32,
 )
 
 
@@ -34,8 +43,14 @@ def test_lfae_learns_to_reconstruct_a_shifted_frame_pair():
     losses = []
     for _ in range(60):
         out = model(source, driving)
-        loss = lfae_loss(out["prediction"], driving, model.flow_predictor.region_predictor, out["driving_regions"],
-                         perceptual, EquivarianceConfig(weight=0.0))["total"]
+        loss = lfae_loss(
+            out["prediction"],
+            driving,
+            model.flow_predictor.region_predictor,
+            out["driving_regions"],
+            perceptual,
+            EquivarianceConfig(weight=0.0),
+        )["total"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -46,8 +61,13 @@ def test_lfae_learns_to_reconstruct_a_shifted_frame_pair():
 def test_diffusion_model_fits_one_flow_sequence():
     torch.manual_seed(0)
     cfg = UNetConfig(dim=16, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8)
-    diffusion = FlowDiffusion(Unet3D(cfg, cond_channels=4, text_dim=6, latent_size=8), DiffusionConfig(null_prob=0.0, prediction="epsilon", target="grid"))
-    x0 = torch.tanh(torch.randn(1, 3, 4, 8, 8)).expand(8, -1, -1, -1, -1)  # one sequence, batch of 8 noise draws
+    diffusion = FlowDiffusion(
+        Unet3D(cfg, cond_channels=4, text_dim=6, latent_size=8),
+        DiffusionConfig(null_prob=0.0, prediction="epsilon", target="grid"),
+    )
+    x0 = torch.tanh(torch.randn(1, 3, 4, 8, 8)).expand(
+        8, -1, -1, -1, -1
+    )  # one sequence, batch of 8 noise draws
     cond, text = torch.randn(8, 4, 8, 8), torch.randn(1, 6).expand(8, -1)
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)

@@ -37,26 +37,44 @@ class RandomFlows(Dataset):
         grid = identity_grid(SIDE, SIDE).permute(2, 0, 1)[:, None].expand(2, K, SIDE, SIDE)
         flow = grid + 0.05 * torch.randn(2, K, SIDE, SIDE, generator=g)
         occlusion = torch.rand(1, K, SIDE, SIDE, generator=g)
-        return {"x0": torch.cat([flow, occlusion]), "z0": torch.randn(COND, SIDE, SIDE, generator=g),
-                "text": torch.randn(TEXT, generator=g)}
+        return {
+            "x0": torch.cat([flow, occlusion]),
+            "z0": torch.randn(COND, SIDE, SIDE, generator=g),
+            "text": torch.randn(TEXT, generator=g),
+        }
 
 
 def train_and_sample(tmp_path: Path, device: torch.device, precision: str) -> None:
-    unet = Unet3D(UNetConfig(dim=8, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8),
-                  cond_channels=COND, text_dim=TEXT, latent_size=SIDE)
+    unet = Unet3D(
+        UNetConfig(dim=8, dim_mults=(1, 2), resnet_groups=4, attn_heads=2, attn_dim_head=8),
+        cond_channels=COND,
+        text_dim=TEXT,
+        latent_size=SIDE,
+    )
     diffusion = FlowDiffusion(unet, DiffusionConfig(timesteps=50))
     data = RandomFlows()
     diffusion.fit_target(torch.stack([data[i]["x0"] for i in range(len(data))]))
     diffusion.to(device).train()
     optimizer = adam(diffusion.parameters(), 1e-3, (0.9, 0.99))
-    state = TrainingState(tmp_path / "state.pt", diffusion, optimizer, lr_schedule(optimizer, "linear", 3, (), 1.0), {})
+    state = TrainingState(
+        tmp_path / "state.pt", diffusion, optimizer, lr_schedule(optimizer, "linear", 3, (), 1.0), {}
+    )
     loader = sharded_loader(data, 4, "batch_size", seed=0, num_workers=0, generator=torch.Generator())
 
     def loss(batch: dict) -> dict[str, torch.Tensor]:
         return {"diffusion": diffusion(batch["x0"], batch["z0"], batch["text"])}
 
-    fit("cuda", state, loader, loss, SimpleNamespace(steps=3, log_every=1, checkpoint_every=2),
-        objective="diffusion", device=device, precision=precision, grad_clip=1.0)
+    fit(
+        "cuda",
+        state,
+        loader,
+        loss,
+        SimpleNamespace(steps=3, log_every=1, checkpoint_every=2),
+        objective="diffusion",
+        device=device,
+        precision=precision,
+        grad_clip=1.0,
+    )
     assert state.step == 3 and all(p.device.type == device.type for p in diffusion.parameters())
     assert all(torch.isfinite(p).all() for p in diffusion.parameters())
 
@@ -65,9 +83,13 @@ def train_and_sample(tmp_path: Path, device: torch.device, precision: str) -> No
     outputs = []
     hook = unet.final_conv.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
     with autocast(device, precision):
-        flows = diffusion.sample(batch["z0"].to(device), batch["text"].to(device), num_frames=K,
-                                 sampler=SamplerConfig(sampler="ddim", steps=2),
-                                 generator=torch.Generator(device).manual_seed(0))
+        flows = diffusion.sample(
+            batch["z0"].to(device),
+            batch["text"].to(device),
+            num_frames=K,
+            sampler=SamplerConfig(sampler="ddim", steps=2),
+            generator=torch.Generator(device).manual_seed(0),
+        )
     hook.remove()
     assert outputs == [torch.bfloat16 if precision == "bf16" else torch.float32] * 2  # the U-Net ran in it
     assert flows.device.type == device.type and flows.shape == (4, 3, K, SIDE, SIDE)

@@ -49,7 +49,9 @@ def test_logged_model_generates_what_the_pipeline_does(pipe, logged, tmp_path):
     rows = pd.DataFrame({"image": [encode_image(IMAGE)] * 2, "label": ["zoom in", "pan to the left"]})
     answers = model.predict(rows, params={"steps": 3, "seed": 4})
     for i, (answer, label) in enumerate(zip(answers, rows["label"], strict=True)):
-        expected = pipe(IMAGE, label, num_inference_steps=3, generator=seeded(4 + i)).frames(0)  # row i: seed + i
+        expected = pipe(IMAGE, label, num_inference_steps=3, generator=seeded(4 + i)).frames(
+            0
+        )  # row i: seed + i
         assert answer["video"].dtype == np.uint8 and np.array_equal(answer["video"], expected)
         (tmp_path / "answer.mp4").write_bytes(base64.b64decode(answer["mp4"]))
         assert count_frames(tmp_path / "answer.mp4") == pipe.num_frames
@@ -80,7 +82,11 @@ def test_registered_version_loads_as_a_pipeline(pipe, logged):
     [
         (pd.DataFrame({"label": ["zoom in"]}), {}, "missing inputs ['image']"),
         (request(image=["@@@"]), {}, "image: not base64"),
-        (request(image=[base64.b64encode(b"GIF89a not really").decode()]), {}, "image: not a decodable image"),
+        (
+            request(image=[base64.b64encode(b"GIF89a not really").decode()]),
+            {},
+            "image: not a decodable image",
+        ),
         (request(image=[""]), {}, "image: empty"),
         (request(label=["  "]), {}, "label: empty"),
         (pd.concat([request(), request(label=[""])], ignore_index=True), {}, "'zoom in' (row 1)"),
@@ -90,8 +96,19 @@ def test_registered_version_loads_as_a_pipeline(pipe, logged):
         (request(), {"guidance": -1.0}, "guidance: Input should be greater than or equal to 0"),
         (request(), {"seed": -1}, "seed: -1 is negative"),
     ],
-    ids=["no-image", "not-base64", "not-an-image", "empty-image", "empty-label", "second-row", "steps-0",
-         "steps-over", "steps-type", "guidance", "seed"],
+    ids=[
+        "no-image",
+        "not-base64",
+        "not-an-image",
+        "empty-image",
+        "empty-label",
+        "second-row",
+        "steps-0",
+        "steps-over",
+        "steps-type",
+        "guidance",
+        "seed",
+    ],
 )
 def test_bad_request_is_a_400_naming_the_field(logged, rows, params, named):
     _, model = logged

@@ -29,8 +29,14 @@ print(errors)
 
 
 def test_stages_load_from_concurrent_threads() -> None:
-    result = subprocess.run([sys.executable, "-c", CONCURRENT_LOADS], cwd=Path(__file__).parents[2],
-                            capture_output=True, text=True, check=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_LOADS],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-3000:]
 
 
@@ -41,8 +47,13 @@ def test_a_stage_missing_its_input_names_it_without_a_traceback(tmp_path) -> Non
         "tracking: {enabled: false}\n"
         f"paths: {{lfae: {tmp_path}/missing/lfae.pt, metrics: {tmp_path}/metrics}}\n"
     )
-    result = subprocess.run([sys.executable, "-m", "stages", "extract_flow", "--params", str(params)],
-                            cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages", "extract_flow", "--params", str(params)],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: extract_flow: ")

@@ -34,7 +34,9 @@ def render(theta: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "motion", [affine(shift=(0.08, -0.05)), affine(zoom=1.15), affine(degrees=8.0)], ids=["shift", "zoom", "rotate"]
+    "motion",
+    [affine(shift=(0.08, -0.05)), affine(zoom=1.15), affine(degrees=8.0)],
+    ids=["shift", "zoom", "rotate"],
 )
 def test_teacher_grid_equals_the_analytic_one_both_ways(motion):
     """x_i is x_0 seen through a known affine map, so the backward grid from x_i to x_0 is that map's grid and
@@ -65,8 +67,10 @@ def test_an_affine_displacement_field_becomes_its_exact_latent_grid():
     field = F.affine_grid(theta, [1, 1, SIZE, SIZE], align_corners=True)
     pixels = (field - identity_grid(SIZE, SIZE)) / PIXEL
     torch.testing.assert_close(
-        to_latent_grid(pixels, LATENT), F.affine_grid(theta, [1, 1, LATENT, LATENT], align_corners=True),
-        atol=1e-5, rtol=0,
+        to_latent_grid(pixels, LATENT),
+        F.affine_grid(theta, [1, 1, LATENT, LATENT], align_corners=True),
+        atol=1e-5,
+        rtol=0,
     )
 
 

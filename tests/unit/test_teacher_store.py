@@ -43,7 +43,11 @@ def stores(tmp_path):
     clips = {"moving": carphone(), "still": np.repeat(carphone(1), 5, axis=0)}
     for video_id, clip in clips.items():
         frames.write(video_id, clip)
-    return frames, TeacherFlowStore(tmp_path / "teacher.zarr", mode="a"), [row(v, c) for v, c in clips.items()]
+    return (
+        frames,
+        TeacherFlowStore(tmp_path / "teacher.zarr", mode="a"),
+        [row(v, c) for v, c in clips.items()],
+    )
 
 
 def test_frame_pairs_are_distinct_time_sorted_and_fixed_per_clip():
@@ -105,7 +109,9 @@ def test_every_sample_is_a_pair_and_the_grid_that_warps_one_into_the_other(store
                 assert item["source"].shape == (3, 32, 32) and item["grid"].shape == (8, 8, 2)
                 assert item["reliable"].shape == (1, 8, 8)
                 inner = (..., slice(4, -4), slice(4, -4))
-                moved += (warp(item["source"][None], item["grid"][None])[0] - item["driving"])[inner].abs().mean()
+                moved += (
+                    (warp(item["source"][None], item["grid"][None])[0] - item["driving"])[inner].abs().mean()
+                )
                 still += (item["source"] - item["driving"])[inner].abs().mean()
         return float(moved / still)
 

@@ -101,13 +101,17 @@ def test_a_corrupt_store_costs_one_warning(tmp_path, capsys):
     assert run_id is None and len(warnings) == 1 and f"{tmp_path}/mlflow.db" in warnings[0], warnings
 
 
-@pytest.mark.parametrize(("error", "status"), [(None, "FINISHED"), (ValueError, "FAILED"),
-                                               (KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")])
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(None, "FINISHED"), (ValueError, "FAILED"), (KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")],
+)
 def test_runs_end_with_the_stage(store, error, status):
     experiment = f"end-{status}-{error and error.__name__}"
     assert tracking.configure(store, experiment)
-    with (pytest.raises(error) if error else contextlib.nullcontext(),
-          tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"]) as run_id):
+    with (
+        pytest.raises(error) if error else contextlib.nullcontext(),
+        tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"]) as run_id,
+    ):
         tracking.log_metrics({"loss/total": 0.5}, step=3)
         if error:
             raise error
@@ -125,16 +129,22 @@ def test_runs_of_processes_that_no_longer_exist_end_killed(store):
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name("orphans").experiment_id
     here = socket.gethostname()
-    owners = {"killed -9": {"lfdm.host": here, "lfdm.process": "999999999@1.0"},
-              "pid reused": {"lfdm.host": here, "lfdm.process": f"{psutil.Process().pid}@1.0"},
-              "alive": tracking._owner(),
-              "other host": {"lfdm.host": f"not-{here}", "lfdm.process": "999999999@1.0"}}
+    owners = {
+        "killed -9": {"lfdm.host": here, "lfdm.process": "999999999@1.0"},
+        "pid reused": {"lfdm.host": here, "lfdm.process": f"{psutil.Process().pid}@1.0"},
+        "alive": tracking._owner(),
+        "other host": {"lfdm.host": f"not-{here}", "lfdm.process": "999999999@1.0"},
+    }
     for name, tags in owners.items():
         client.create_run(experiment, run_name=name, tags=tags)
     assert tracking.configure(store, "orphans")  # what every stage does first
     status = {run.info.run_name: run.info.status for run in client.search_runs([experiment])}
-    assert status == {"killed -9": "KILLED", "pid reused": "KILLED", "alive": "RUNNING",
-                      "other host": "RUNNING"}
+    assert status == {
+        "killed -9": "KILLED",
+        "pid reused": "KILLED",
+        "alive": "RUNNING",
+        "other host": "RUNNING",
+    }
 
 
 def test_a_store_failing_mid_run_costs_one_warning(store, monkeypatch, capsys):
@@ -156,8 +166,10 @@ def test_a_store_failing_mid_run_costs_one_warning(store, monkeypatch, capsys):
 
     monkeypatch.undo()
     assert tracking.configure(store, "mid-run-required", required=True)
-    with (pytest.raises(tracking.TrackingError, match="Connection refused.*tracking.required is true"),
-          tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"])):
+    with (
+        pytest.raises(tracking.TrackingError, match="Connection refused.*tracking.required is true"),
+        tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"]),
+    ):
         monkeypatch.setattr(tracking.MlflowClient, "log_batch", dead)
         tracking.log_metrics({"loss": 1.0}, step=1)
     monkeypatch.undo()
@@ -167,8 +179,10 @@ def test_a_store_failing_mid_run_costs_one_warning(store, monkeypatch, capsys):
 def test_results_are_counts_as_params_and_measurements_with_the_headline_on_the_parent(store):
     assert tracking.configure(store, "results")
     with tracking.stage_run("evaluate", PARAMS, {}):
-        tracking.log_results({"fvd/lfdm": 400.0, "l1/lfdm": 0.05, "test_videos": 64},
-                             headline={"fvd/lfdm": 400.0, "fvd_vs_static/lfdm": 0.4})
+        tracking.log_results(
+            {"fvd/lfdm": 400.0, "l1/lfdm": 0.05, "test_videos": 64},
+            headline={"fvd/lfdm": 400.0, "fvd_vs_static/lfdm": 0.4},
+        )
     found = runs(store, "results")
     assert found["evaluate"].data.metrics == {"fvd/lfdm": 400.0, "l1/lfdm": 0.05}
     assert found["evaluate"].data.params["test_videos"] == "64"
@@ -191,9 +205,17 @@ def test_a_pipeline_run_is_named_after_the_experiment_and_kept_only_when_a_stage
 def test_the_headline_is_evaluates_scores_and_their_ratios_to_the_static_baseline():
     from stages import _headline
 
-    metrics = {"fvd/lfdm": 434.0, "fvd/oracle": 368.0, "fvd/static": 1020.0, "l1/lfdm": 0.055,
-               "l1/oracle": 0.035, "l1/static": 0.1, "accuracy/lfdm": 0.92, "accuracy/real": 0.94,
-               "seen_videos": 32}
+    metrics = {
+        "fvd/lfdm": 434.0,
+        "fvd/oracle": 368.0,
+        "fvd/static": 1020.0,
+        "l1/lfdm": 0.055,
+        "l1/oracle": 0.035,
+        "l1/static": 0.1,
+        "accuracy/lfdm": 0.92,
+        "accuracy/real": 0.94,
+        "seen_videos": 32,
+    }
     headline = _headline("evaluate", metrics)
     assert headline["fvd_vs_static/oracle"] == pytest.approx(368 / 1020)
     assert headline["l1_vs_static/lfdm"] == pytest.approx(0.55) and headline["accuracy/lfdm"] == 0.92
@@ -204,8 +226,10 @@ def test_a_disabled_stage_opens_no_run(store, tmp_path):
     from lfdm.config import Params
     from stages import execute
 
-    params = Params(paths={"finetune": str(tmp_path / "finetune"), "metrics": str(tmp_path / "metrics")},
-                    tracking={"uri": store, "experiment": "disabled"})
+    params = Params(
+        paths={"finetune": str(tmp_path / "finetune"), "metrics": str(tmp_path / "metrics")},
+        tracking={"uri": store, "experiment": "disabled"},
+    )
     assert not params.finetune_decoder.enabled
     assert execute("finetune_decoder", params) == {"enabled": 0}
     experiment = MlflowClient(store).get_experiment_by_name("disabled")

@@ -81,8 +81,15 @@ def _train(path, steps: int, interrupt_at: int | None = None) -> tuple[torch.nn.
         return {"total": (model(batch["x"]) - noise).square().mean()}
 
     model.train()
-    fit("tiny", state, loader, loss, SimpleNamespace(steps=steps, log_every=1, checkpoint_every=3), objective="total",
-        device=torch.device("cpu"))
+    fit(
+        "tiny",
+        state,
+        loader,
+        loss,
+        SimpleNamespace(steps=steps, log_every=1, checkpoint_every=3),
+        objective="total",
+        device=torch.device("cpu"),
+    )
     return model, state
 
 
@@ -92,7 +99,11 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, capsys):
         _train(tmp_path / "cut.pt", steps=14, interrupt_at=11)
     saved = torch.load(tmp_path / "cut.pt", weights_only=True)
     assert (saved["step"], saved["batches"]["epoch"], saved["batches"]["taken"]) == (9, 4, 1)  # mid-epoch
-    torch.manual_seed(123), np.random.seed(123), random.seed(123)  # as in a new process: other generator states
+    (
+        torch.manual_seed(123),
+        np.random.seed(123),
+        random.seed(123),
+    )  # as in a new process: other generator states
     resumed, resumed_state = _train(tmp_path / "cut.pt", steps=14)
     assert "resumed at step 9" in capsys.readouterr().out
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
@@ -114,13 +125,18 @@ def test_a_run_resumed_without_its_generators_differs(tmp_path):
     torch.save(saved | {"rng": None}, tmp_path / "cut.pt")
     torch.manual_seed(123)
     resumed, _ = _train(tmp_path / "cut.pt", steps=14)
-    assert not all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True)
+    )
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_saves_nothing(tmp_path):
     model = torch.nn.Linear(4, 1)
     optimizer = adam(model.parameters(), 1e-2, (0.9, 0.99))
-    state = TrainingState(tmp_path / "state.pt", model, optimizer, lr_schedule(optimizer, "linear", 9, (), 1.0), {})
+    state = TrainingState(
+        tmp_path / "state.pt", model, optimizer, lr_schedule(optimizer, "linear", 9, (), 1.0), {}
+    )
     loader = sharded_loader(_Noisy(), 4, "batch_size", seed=0, num_workers=0, generator=torch.Generator())
 
     def loss(batch: dict) -> dict[str, torch.Tensor]:
@@ -128,8 +144,15 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_saves_nothing(tmp_
         return {"total": value * (float("nan") if state.step == 5 else 1.0)}
 
     with pytest.raises(TrainingDiverged, match=r"tiny: the loss \(total\) is nan at step 6"):
-        fit("tiny", state, loader, loss, SimpleNamespace(steps=9, log_every=1, checkpoint_every=2),
-            objective="total", device=torch.device("cpu"))
+        fit(
+            "tiny",
+            state,
+            loader,
+            loss,
+            SimpleNamespace(steps=9, log_every=1, checkpoint_every=2),
+            objective="total",
+            device=torch.device("cpu"),
+        )
     assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 4  # the last finite checkpoint
     with torch.no_grad():
         model.weight[0, 0] = float("inf")

@@ -195,7 +195,9 @@ def test_attention_in_chunks_is_attention_over_the_whole_batch(monkeypatch: pyte
     whole = model(**x)
     calls = []
     original = unet3d.Attention.attend_chunk
-    monkeypatch.setattr(unet3d.Attention, "attend_chunk", lambda self, *a: calls.append(1) or original(self, *a))
+    monkeypatch.setattr(
+        unet3d.Attention, "attend_chunk", lambda self, *a: calls.append(1) or original(self, *a)
+    )
     model(**x)
     layers = len(calls)
     monkeypatch.setattr(unet3d.Attention, "chunk_values", 1)  # one sequence per chunk
