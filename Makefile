@@ -10,7 +10,7 @@ export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install run test test-fast bench
+.PHONY: install run lint test test-fast bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements-assets.txt
@@ -24,7 +24,12 @@ $(VENV)/.installed: pyproject.toml requirements-assets.txt
 run: install  ## the whole pipeline on the embedded dataset, one MLflow parent run
 	lfdm repro
 
-test: install  ## unit tests + end-to-end runs against real DVC, Prefect and MLflow servers
+lint: install  ## what the pre-commit hooks run: ruff (rules + format) and pyright (basic)
+	ruff check .
+	ruff format --check .
+	pyright
+
+test: install lint  ## lint, then unit tests + end-to-end runs against real DVC, Prefect and MLflow servers
 	pytest -q
 
 test-fast: install
