@@ -10,14 +10,13 @@ import pytest
 import skvideo
 import torch
 import yaml
+from tiny import TINY, tiny_tree
 
 from lfdm.checkpoint import load_checkpoint
 from lfdm.config import load_params
 from lfdm.models.lfae_checkpoints import finetuned_lfae_path, sampling_lfae_path
 from lfdm.video import read_video, write_video
 from stages import execute
-
-from .conftest import ROOT, TINY, merge
 
 FINETUNE = {
     "enabled": True,
@@ -41,8 +40,7 @@ def faces(root: Path) -> None:
 
 
 def project(path: Path, finetune: dict) -> Path:
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    params = merge(params, {"tracking": {"enabled": False}, "finetune_decoder": finetune})
+    params = tiny_tree({"tracking": {"enabled": False}, "finetune_decoder": finetune})
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return path / "params.yaml"
 

@@ -13,15 +13,14 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
+from tiny import tiny_params
 
-from lfdm.config import parse_params
 from lfdm.pipeline import LFDMPipeline, PipelineConfig
 from lfdm.serving import encode_image, log_pipeline
 from lfdm.video import count_frames
 
-from .conftest import BIN, ROOT, TINY, free_port, merge, service_env, stop, wait_http
+from .conftest import BIN, free_port, service_env, stop, wait_http
 
 pytestmark = pytest.mark.slow
 NAME = "lfdm-serving-e2e"
@@ -30,7 +29,7 @@ MINILM_DIM = 384  # the packaged BERT's (text.checkpoint: null), which embeds pr
 
 def tiny_pipeline() -> LFDMPipeline:
     """Untrained networks of the shrunk e2e config, with one embedded label."""
-    p = parse_params(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY))
+    p = tiny_params()
     config = PipelineConfig(
         image_size=p.data.image_size,
         num_frames=p.data.num_frames,

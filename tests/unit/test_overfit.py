@@ -6,27 +6,15 @@ import pytest
 import torch
 from skimage import data as skdata
 from skimage.transform import resize
+from tiny import tiny_params
 
-from lfdm.config import DiffusionConfig, EquivarianceConfig, LFAEConfig, PerceptualConfig, UNetConfig
+from lfdm.config import DiffusionConfig, EquivarianceConfig, PerceptualConfig, UNetConfig
 from lfdm.diffusion import FlowDiffusion
 from lfdm.losses import PerceptualLoss, lfae_loss
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
 
-TINY_LFAE = LFAEConfig(
-    base_channels=8,
-    decoder_res_blocks=1,
-    num_regions=4,
-    region_block_expansion=8,
-    region_num_blocks=2,
-    region_max_features=32,
-    flow_block_expansion=8,
-    flow_num_blocks=2,
-    flow_max_features=32,
-    bg_block_expansion=8,
-    bg_num_blocks=2,
-    bg_max_features=32,
-)
+TINY_LFAE = tiny_params().lfae
 
 
 def photo(size: int) -> torch.Tensor:
