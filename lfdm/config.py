@@ -414,6 +414,7 @@ class TrackingConfig(Section):
     enabled: bool = True
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db at the repo root
     experiment: str = "lfdm"
+    model_name: str = Field(default="lfdm", pattern=r"^[^/:]+$")  # evaluate registers each pipeline under it
     required: bool = (
         False  # true: a stage fails, naming the URI, when tracking does (else it goes on untracked)
     )

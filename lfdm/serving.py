@@ -2,6 +2,9 @@
 :class:`~lfdm.pipeline.LFDMPipeline`, loaded by ``mlflow.pyfunc.load_model`` and served by
 ``mlflow models serve`` (POST /invocations).
 
+After ``evaluate``, :func:`register` adds each pipeline run's model to the Model Registry and moves the
+alias ``champion`` to it only when it beats the champion's FVD on the same test set.
+
 A request holds one row per video, ``image`` (a PNG or JPEG as base64, or a ``data:`` URL of one) and
 ``label`` (any text), and optionally the params ``steps``, ``guidance`` (default: the pipeline's sampler) and
 ``seed`` (default 0; row i draws its noise from ``seed + i``). Each answer row is ``video``,
@@ -15,7 +18,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import sys
 import tempfile
+from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
@@ -32,12 +38,15 @@ from mlflow.pyfunc.model import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 from PIL import Image
+from tqdm import tqdm
 
+from lfdm import tracking
 from lfdm.device import resolve_device
 from lfdm.pipeline import LFDMPipeline, SamplerOptionError, load_image, to_rgb
 from lfdm.viz import to_uint8
 
 PIPELINE_ARTIFACT = "pipeline"
+CHAMPION = "champion"  # the alias of the registered version with the best FVD
 FPS = 8
 # what the pipeline imports, pinned to this environment's versions; lfdm itself travels as code_paths
 REQUIREMENTS = (
@@ -188,3 +197,41 @@ def log_pipeline(
             model_config={"device": "auto"},  # the keys load_model / SERVING_MODEL_CONFIG may set
             registered_model_name=registered_model_name,
         )
+
+
+def register(pipe: LFDMPipeline, metrics: Mapping[str, float], test_set: str, name: str) -> None:
+    """Log ``pipe`` under this thread's tracked run (:mod:`lfdm.tracking`), ``metrics`` on the logged model,
+    as a new version of the registered model ``name`` tagged ``fvd`` (``metrics["fvd/lfdm"]``) and
+    ``test_set`` (a digest of the clips it was scored on). The alias :data:`CHAMPION` moves to it when there
+    is none yet or when its FVD is below the champion's on the same test set; the decision, its reason and
+    both FVDs become tags of the run (``lfdm.registry.*``). Nothing without a tracked run; a failure is one
+    warning, as tracking's are (:func:`lfdm.tracking.fluent`)."""
+    with tracking.fluent(f"registering the pipeline as {name!r}") as run_id:
+        if run_id is None:
+            return
+        info = log_pipeline(pipe, registered_model_name=name)
+        mlflow.log_metrics(dict(metrics), run_id=run_id, model_id=info.model_id)
+        client, version, fvd = MlflowClient(), str(info.registered_model_version), metrics["fvd/lfdm"]
+        client.set_model_version_tag(name, version, "fvd", str(fvd))
+        client.set_model_version_tag(name, version, "test_set", test_set)
+        tags = {"lfdm.registry.model": name, "lfdm.registry.version": version, "lfdm.registry.fvd": str(fvd)}
+        aliases = client.get_registered_model(name).aliases
+        if CHAMPION not in aliases:
+            promote, reason = True, "no champion yet"
+        else:
+            champion = client.get_model_version(name, aliases[CHAMPION])
+            tags["lfdm.registry.champion_version"] = str(champion.version)
+            tags["lfdm.registry.champion_fvd"] = champion.tags.get("fvd", "none")
+            if champion.tags.get("test_set") != test_set:
+                promote, reason = False, f"version {champion.version} was scored on another test set"
+            else:
+                best = float(champion.tags["fvd"])
+                promote = fvd < best
+                verb = "beats" if promote else "does not beat"
+                reason = f"FVD {fvd:.2f} {verb} version {champion.version}'s {best:.2f}"
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        tags |= {"lfdm.registry.decision": "champion" if promote else "kept", "lfdm.registry.reason": reason}
+        mlflow.set_tags(tags)
+        outcome = f"is now {CHAMPION}" if promote else f"is not {CHAMPION}"
+        tqdm.write(f"{name} version {version} {outcome}: {reason}", file=sys.stderr)

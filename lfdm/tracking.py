@@ -176,10 +176,14 @@ def _end_orphans(client: MlflowClient, experiment_id: str) -> None:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
+def _reason(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+
+
 def _lost(err: BaseException) -> None:
     """The store failed: raise when tracking is required, else warn (once) and stop tracking."""
     global _down
-    reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    reason = _reason(err)
     message = f"MLflow tracking at {_uri} failed: {reason}"
     if _required:
         raise TrackingError(f"{message} (tracking.required is true)") from err
@@ -341,6 +345,39 @@ def stage_run(stage: str, params: Mapping[str, Any], section: Mapping[str, Any])
 def active_run_id() -> str | None:
     """The run this thread logs into, None when there is none or the store is down."""
     return None if _down else getattr(_local, "run_id", None)
+
+
+@contextlib.contextmanager
+def fluent(what: str) -> Iterator[str | None]:
+    """MLflow's fluent API (``mlflow.pyfunc.log_model``, ``mlflow.log_metrics``, ``MlflowClient()``) pointed at
+    the configured store and this thread's run for the duration; yields the run's id, or None (and points
+    nothing) without one. The fluent URI and ``MLFLOW_TRACKING_URI`` are restored afterwards. The URI is
+    process-wide: this is for a stage's end, not for stages running side by side in threads.
+
+    Best effort as the rest: a failure inside costs one warning naming ``what`` and the stage goes on
+    (tracked), or it is a :class:`TrackingError` when ``tracking.required``."""
+    run_id, uri = active_run_id(), _uri
+    if run_id is None or uri is None:
+        yield None
+        return
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # restores the previous URI exactly
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")  # the user's; set_tracking_uri exports its URI there
+    try:
+        # leaving start_run marks the run FINISHED (FAILED); logging_into sets its status when the stage ends
+        with _use_tracking_uri(uri), mlflow.start_run(run_id=run_id, nested=True):
+            yield run_id
+    except Exception as err:  # noqa: BLE001 - whatever the store or MLflow raises, the stage goes on
+        message = f"{what} in MLflow at {uri} failed: {_reason(err)}"
+        if _required:
+            raise TrackingError(f"{message} (tracking.required is true)") from err
+        tqdm.write(f"warning: {message}; the stage goes on", file=sys.stderr)
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _metrics(values: Mapping[str, float], step: int | None = None) -> list[Metric]:

@@ -20,12 +20,14 @@ The real clips' features, the ``static`` and ``oracle`` rows and the condition c
 the ``evaluate`` params change; this stage extracts the generated videos' features.
 
 Also written: ``<paths.metrics>/evaluate_table.md`` (the table), per-frame L1 curves and a real | generated
-video grid (DVC plots), all logged to the MLflow run.
+video grid (DVC plots), all logged to the MLflow run; under a tracked run the pipeline is then registered as
+a new version of ``tracking.model_name`` (:func:`register`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lfdm import tracking
+from lfdm import serving, tracking
 from lfdm.config import Params
 from lfdm.data import FlowStore, FrameStore, ManifestRow, read_manifest
 from lfdm.device import resolve_device
@@ -50,10 +52,13 @@ from lfdm.metrics.evaluation import (
     per_frame_l1,
     stored_frames,
 )
+from lfdm.models.lfae_checkpoints import sampling_lfae_path
 from lfdm.models.warp import from_diffusion_tensor, identity_grid
+from lfdm.pipeline import LFDMPipeline, sampler_config
 from lfdm.shards import MapShards, batch_shards, serial
 from lfdm.video import write_video
 from lfdm.viz import video_grid
+from stages import HEADLINE
 
 
 def mean_trajectory(x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +129,7 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
 
     grid = torch.cat([part.grid for part in test])[: cfg.max_grid_videos]
     write_outputs(p, metrics, {"lfdm": l1, **references.l1}, grid)
+    register(p, tests, metrics)
     return metrics
 
 
@@ -233,3 +239,22 @@ def results_table(metrics: dict[str, float]) -> str:
             f"on training images, {metrics['fvd_unseen/lfdm']:.1f} on test images."
         )
     return "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def register(p: Params, tests: list[ManifestRow], metrics: dict[str, float]) -> None:
+    """The pipeline that made the samples, with the headline metrics, as a new version of
+    ``tracking.model_name`` in the MLflow Model Registry (:func:`lfdm.serving.register`). Its test set is
+    the digest of the test clips and their frames, which an unchanged ``evaluate_references`` keeps."""
+    if not tracking.active_run_id():  # tracking off or down: not even the checkpoints are read
+        return
+    pipe = LFDMPipeline.from_checkpoints(
+        sampling_lfae_path(p),
+        p.paths.dm,
+        p.paths.embeddings,
+        p.text,
+        torch.device("cpu"),
+        sampler_config(p.sample),
+    )
+    clips = json.dumps([[row.video_id, list(row.frame_indices)] for row in tests])
+    headline = {key: metrics[key] for key in HEADLINE if key in metrics}
+    serving.register(pipe, headline, hashlib.sha256(clips.encode()).hexdigest(), p.tracking.model_name)
