@@ -12,15 +12,21 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from PIL import Image
 
 from lfdm.config import load_params
 from lfdm.data import FrameStore, read_manifest
+from lfdm.models.lfae_checkpoints import sampling_lfae_path
+from lfdm.pipeline import LFDMPipeline, sampler_config
+from lfdm.serving import encode_image
 from lfdm.video import count_frames
 from stages import SHARDED, STAGES
 
@@ -92,6 +98,32 @@ def pipeline_runs(tracking_uri: str, experiment: str) -> tuple[object, list]:
     return parents[0], children
 
 
+def assert_registered_champion(project: Path, tracking_uri: str, evaluate_run, evaluated: dict):
+    """The pipeline run's model is ``models:/lfdm@champion`` (the first version on this server) and generates,
+    for an image and a label, the video the pipeline's checkpoints do with the same seed. Returns the version."""
+    champion = MlflowClient(tracking_uri).get_model_version_by_alias("lfdm", "champion")
+    assert champion.run_id == evaluate_run.info.run_id
+    assert float(champion.tags["fvd"]) == pytest.approx(evaluated["fvd/lfdm"])
+    assert evaluate_run.data.tags["lfdm.registry.decision"] == "champion"
+    p = load_params(project / "params.yaml")
+    pipe = LFDMPipeline.from_checkpoints(
+        project / sampling_lfae_path(p),
+        project / p.paths.dm,
+        project / p.paths.embeddings,
+        p.text,
+        torch.device("cpu"),
+        sampler_config(p.sample),
+    )
+    image = FrameStore(project / p.paths.frames).read(first_test_clip(project), [0])[0]
+    with _use_tracking_uri(tracking_uri):
+        model = mlflow.pyfunc.load_model("models:/lfdm@champion", model_config={"device": "cpu"})
+    request = pd.DataFrame({"image": [encode_image(image)], "label": ["zoom in"]})
+    answer = model.predict(request, params={"steps": 3, "seed": 7})[0]["video"]
+    expected = pipe(image, "zoom in", num_inference_steps=3, generator=torch.Generator().manual_seed(7))
+    assert answer.shape == (p.data.num_frames, *image.shape) and np.array_equal(answer, expected.frames(0))
+    return champion
+
+
 def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_path, mlflow_server):
     project = make_project(tmp_path / "project", {"tracking": {"experiment": "dvc-e2e"}})
     env = service_env(tmp_path, MLFLOW_TRACKING_URI=mlflow_server)
@@ -123,6 +155,7 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
     assert "reconstructions.png" in artifacts["train_lfae"]
     assert "real_vs_generated.gif" in artifacts["evaluate"]
     assert client.list_artifacts(by_name["sample"].info.run_id, "samples")
+    champion = assert_registered_champion(project, mlflow_server, by_name["evaluate"], evaluated)
 
     assert stages_ran(run(["dvc", "repro"], project, env)) == []  # nothing changed → nothing runs
 
@@ -170,6 +203,17 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
     params["train_dm"]["lr"] = 1e-4
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_ran(run(["dvc", "repro"], project, env)) == ["train_dm", "sample", "evaluate"]
+    # a second version on the same test set: champion only if its FVD is lower
+    latest = client.search_runs(
+        [parent.info.experiment_id], "tags.`lfdm.stage` = 'evaluate'", order_by=["attributes.start_time DESC"]
+    )[0].data.tags
+    second = client.get_model_version("lfdm", latest["lfdm.registry.version"])
+    assert second.tags["test_set"] == champion.tags["test_set"]  # evaluate_references did not run again
+    better = float(second.tags["fvd"]) < float(champion.tags["fvd"])
+    assert latest["lfdm.registry.champion_fvd"] == champion.tags["fvd"]
+    assert latest["lfdm.registry.decision"] == ("champion" if better else "kept")
+    now = client.get_model_version_by_alias("lfdm", "champion").version
+    assert str(now) == str(second.version if better else champion.version)
 
 
 def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_server):
