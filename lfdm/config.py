@@ -122,7 +122,7 @@ class LFAEConfig(Section):
     bg_num_blocks: int = Field(default=4, ge=1)  # paper 5
     bg_max_features: int = Field(default=256, ge=1)  # paper 1024
     # the background predictor's input: frame scale (MRAA 1; 1/n) and pixel coordinates as two extra
-    # channels (not in MRAA): docs/model.md, "A background predictor that sees where it looks"
+    # channels (not in MRAA): docs/model.md, departures
     bg_scale: float = Field(default=0.5, gt=0, le=1)
     bg_coords: bool = True
     use_background: bool = True  # background affine motion predictor
@@ -181,7 +181,7 @@ TeacherName = Literal[
 
 class PretrainFlowConfig(Section):
     """``pretrain_flow``: a classical optical-flow teacher's flows on the training clips distilled into F
-    (docs/model.md, "Stage one learns motion from a teacher")."""
+    (docs/model.md, "How F learns motion: a teacher, distilled")."""
 
     teacher: TeacherName = "dis_medium"
     teacher_scale: int = Field(default=4, ge=1)  # the teacher sees the frames this many times larger

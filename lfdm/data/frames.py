@@ -25,9 +25,10 @@ def sample_frame_indices(
     """``(k,)`` sorted int64 frame indices into a clip of ``num_available`` frames; the first is 0.
 
     - ``uniform``: evenly spaced, first and last frame included.
-    - ``random_sorted`` (the paper's "randomly sample K frames and sort them"; the official ``random``):
-      the uniform indices, each interior one redrawn inside the half-gaps to its neighbours, so they
-      stay strictly increasing; first 0, last ``num_available - 1``.
+    - ``random_sorted`` (after the paper's "randomly sample K frames and sort them"): the uniform indices,
+      each interior one redrawn inside the half-gaps to its neighbours, so they stay strictly increasing;
+      first 0, last ``num_available - 1``. (The official ``random`` draws within whole gaps, and redraws
+      at every load; here they are drawn once in preprocess: docs/model.md, departures.)
     - ``very_random``: ``k`` sorted draws with replacement, the first forced to 0.
 
     A clip shorter than ``k`` (uniform, random_sorted) gives all its frames, then repeats the last one,
