@@ -27,7 +27,7 @@ run: install  ## the whole pipeline on the embedded dataset, one MLflow parent r
 lint: install  ## what the pre-commit hooks run: ruff (rules + format) and pyright (basic)
 	ruff check .
 	ruff format --check .
-	pyright
+	pyright -p .  # this project's config (pyproject.toml), whatever pyrightconfig.json lies above it
 
 test: install lint  ## lint, then unit tests + end-to-end runs against real DVC, Prefect and MLflow servers
 	pytest -q
