@@ -149,6 +149,7 @@ class LFAEConfig(Section):
 
 
 LRScheduleName = Literal["linear", "cosine", "multistep"]
+Precision = Literal["fp32", "bf16"]  # bf16: autocast on CUDA, or on a CPU with AMX or AVX512-BF16
 
 
 class EquivarianceConfig(Section):
@@ -434,7 +435,7 @@ class ParallelConfig(Section):
 class Params(Section):
     seed: Seed = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast: CUDA, or a CPU with AMX or AVX512-BF16
+    precision: Precision = "fp32"
     paths: PathsConfig = PathsConfig()
     tracking: TrackingConfig = TrackingConfig()
     parallel: ParallelConfig = ParallelConfig()

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from lfdm.config import (
     DMConfig,
     LFAEConfig,
+    Precision,
     SamplerConfig,
     SamplerName,
     Section,
@@ -38,7 +39,7 @@ from lfdm.config import (
     TimestepSpacing,
     load_params,
 )
-from lfdm.device import resolve_device
+from lfdm.device import autocast, resolve_device
 from lfdm.diffusion import FlowDiffusion, load_dm
 from lfdm.errors import MissingInput, UnreadableInput, UserError
 from lfdm.models.lfae import LatentFlowAutoEncoder
@@ -357,11 +358,13 @@ class LFDMPipeline:
         timestep_spacing: TimestepSpacing | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        precision: Precision = "fp32",
     ) -> Generation:
         """One video per image and prompt. ``image``: see :meth:`preprocess`; one image goes with every prompt
         and one prompt string with every image. The sampling arguments default to ``config.sampler``
         (:meth:`sampler_config`); ``generator`` (on the pipeline's device) fixes the noise, ``progress``
-        shows a bar over the sampling steps."""
+        shows a bar over the sampling steps, ``precision: bf16`` runs the networks under bf16 autocast
+        (CUDA, or a CPU with AMX or AVX512-BF16)."""
         chosen = self.sampler_config(
             sampler,
             num_inference_steps=num_inference_steps,
@@ -377,26 +380,31 @@ class LFDMPipeline:
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if bad := [label for label in labels if not isinstance(label, str) or not label.strip()]:
             raise ValueError(f"prompt: {bad[0]!r} is no text; give the motion, e.g. 'zoom in'")
-        features = self.lfae.encode(images)
-        x = self.diffusion.sample(
-            features.latent,
-            self.embed(labels),
-            num_frames=self.num_frames,
-            sampler=chosen,
-            generator=generator,
-            progress=progress,
-        )
-        if not torch.isfinite(x).all():  # a huge guidance overflows: say so rather than decode black frames
-            guidance = chosen.guidance
-            raise FloatingPointError(f"the sampled flow is not finite (guidance_scale {guidance} too big?)")
-        grid, occlusion = from_diffusion_tensor(x)
-        k = self.num_frames  # every frame warps its own clip's x0 (never the previous frame)
-        frames = self.lfae.decode(
-            features.repeat_interleave(k),
-            images.repeat_interleave(k, 0),
-            grid.flatten(0, 1),
-            occlusion.flatten(0, 1),
-        )
+        with autocast(self.device, precision):
+            features = self.lfae.encode(images)
+            x = self.diffusion.sample(
+                features.latent,
+                self.embed(labels),
+                num_frames=self.num_frames,
+                sampler=chosen,
+                generator=generator,
+                progress=progress,
+            ).float()
+            if not torch.isfinite(
+                x
+            ).all():  # a huge guidance overflows: say so rather than decode black frames
+                guidance = chosen.guidance
+                raise FloatingPointError(
+                    f"the sampled flow is not finite (guidance_scale {guidance} too big?)"
+                )
+            grid, occlusion = from_diffusion_tensor(x)
+            k = self.num_frames  # every frame warps its own clip's x0 (never the previous frame)
+            frames = self.lfae.decode(
+                features.repeat_interleave(k),
+                images.repeat_interleave(k, 0),
+                grid.flatten(0, 1),
+                occlusion.flatten(0, 1),
+            ).float()
         return Generation(
             videos=frames.unflatten(0, (len(labels), k)), flow=grid, occlusion=occlusion, z0=features.latent
         )

@@ -26,10 +26,10 @@ STAGES: dict[str, tuple[str, ...]] = {
     "pretrain_flow": ("seed", "device", "data", "lfae", "pretrain_flow"),
     "train_lfae": ("seed", "device", "precision", "data", "lfae", "train_lfae"),
     "finetune_decoder": ("seed", "device", "precision", "data", "train_lfae.perceptual", "finetune_decoder"),
-    "extract_flow": ("device", "data.num_frames", "extract_flow"),
+    "extract_flow": ("device", "precision", "data.num_frames", "extract_flow"),
     "embed_labels": ("device", "text", "sample.extra_labels"),
     "train_dm": ("seed", "device", "precision", "dm", "train_dm"),
-    "sample": ("device", "text", "sample"),
+    "sample": ("device", "precision", "text", "sample"),
     "evaluate_references": ("seed", "device", "evaluate"),
     "evaluate": ("device", "sample.fps", "evaluate"),
 }

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from lfdm.config import Params
 from lfdm.data import FlowStore, FlowStoreAttrs, FrameStore, ManifestRow, read_manifest, to_tensor
-from lfdm.device import resolve_device
+from lfdm.device import autocast, resolve_device
 from lfdm.models.lfae_checkpoints import load_lfae
 from lfdm.models.warp import to_diffusion_tensor
 from lfdm.shards import MapShards, batch_shards, serial
@@ -51,11 +51,12 @@ def extract_shard(p: Params, batches: Sequence[tuple[int, Sequence[ManifestRow]]
             b, k = clips.shape[:2]  # (B, K, 3, H, W)
             driving = clips.flatten(0, 1)
             source = clips[:, :1].expand_as(clips).flatten(0, 1)  # every frame against its clip's x0
-            flow = lfae.flow_predictor(source, driving)
+            with autocast(device, p.precision):
+                flow = lfae.flow_predictor(source, driving)
+                z0 = lfae.encode(clips[:, 0]).latent.float()
             sequences = to_diffusion_tensor(
-                flow.flow.unflatten(0, (b, k)), flow.occlusion.unflatten(0, (b, k))
+                flow.flow.float().unflatten(0, (b, k)), flow.occlusion.float().unflatten(0, (b, k))
             )  # (B, 3, K, h, w)
-            z0 = lfae.encode(clips[:, 0]).latent
             for row, seq, latent in zip(batch, sequences.cpu(), z0.cpu(), strict=True):
                 store.write(row.video_id, seq.numpy(), latent.numpy())
             bar.update(b)

@@ -115,7 +115,9 @@ def sample_shard(p: Params, batches: Sequence[tuple[int, Sequence[ManifestRow]]]
             x0 = torch.stack([to_tensor(real_frames.read(r.source, r.frame_indices[:1]))[0] for r in batch])
             generator = torch.Generator(device).manual_seed(p.sample.seed + index)
             start = time.perf_counter()
-            gen = pipe(x0, [r.label for r in batch], sampler=p.sample, generator=generator)
+            gen = pipe(
+                x0, [r.label for r in batch], sampler=p.sample, generator=generator, precision=p.precision
+            )
             frames = to_uint8(gen.videos)  # on the CPU: the GPU work is done
             seconds += time.perf_counter() - start
             sequences = to_diffusion_tensor(gen.flow, gen.occlusion).cpu().numpy()

@@ -13,6 +13,7 @@ from test_overfit import TINY_LFAE
 
 from lfdm.cli import main
 from lfdm.config import DiffusionConfig, DMConfig, SamplerConfig, TextConfig, UNetConfig
+from lfdm.device import cpu_has_native_bf16
 from lfdm.diffusion import save_dm
 from lfdm.models.lfae_checkpoints import save_lfae
 from lfdm.pipeline import CONFIG_NAME, LFDMPipeline, PipelineConfig, SamplerOptionError, load_image
@@ -325,3 +326,16 @@ def test_version_and_defaults_in_help(capsys):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 8)" in text and "(default: sample.steps)" in text and "takes no --steps" in text
+
+
+@pytest.mark.skipif(
+    not cpu_has_native_bf16(), reason="this CPU has no AMX or AVX512-BF16: bf16 is refused here"
+)
+def test_bf16_generation_runs_on_a_cpu_that_has_it_and_returns_fp32_frames(pipe):
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fp32 = pipe(image, "zoom in", num_inference_steps=2, generator=seeded())
+    bf16 = pipe(image, "zoom in", num_inference_steps=2, generator=seeded(), precision="bf16")
+    assert bf16.videos.dtype == bf16.flow.dtype == torch.float32 and bf16.videos.shape == fp32.videos.shape
+    assert torch.isfinite(bf16.videos).all()
+    assert not torch.equal(bf16.flow, fp32.flow)  # the networks did run in bf16
+    assert (bf16.videos - fp32.videos).abs().mean() < 0.05  # … to about the same video
