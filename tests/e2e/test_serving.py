@@ -53,8 +53,10 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def test_served_model_answers_with_a_video_and_names_a_bad_field(tmp_path, mlflow_server):
+def test_served_model_answers_with_a_video_and_names_a_bad_field(tmp_path, mlflow_server, monkeypatch):
     pipe = tiny_pipeline()
+    # set_tracking_uri exports MLFLOW_TRACKING_URI: monkeypatch puts it back as it was at teardown
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(mlflow_server)
     try:

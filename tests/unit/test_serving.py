@@ -3,6 +3,7 @@
 HTTP-400 error that names the field."""
 
 import base64
+import os
 
 import mlflow
 import numpy as np
@@ -29,15 +30,19 @@ def pipe(tmp_path_factory):
 @pytest.fixture(scope="module")
 def logged(pipe, tmp_path_factory):
     home = tmp_path_factory.mktemp("mlflow")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
+    previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")  # also exports MLFLOW_TRACKING_URI
     try:
         experiment = mlflow.create_experiment("serving", artifact_location=str(home / "artifacts"))
         with mlflow.start_run(experiment_id=experiment):
             info = log_pipeline(pipe, registered_model_name=NAME)
         yield info, mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"})  # as the pipe
-    finally:
+    finally:  # as before: lfdm.tracking lets MLFLOW_TRACKING_URI win over params, so a leftover would leak
         mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def request(**columns) -> pd.DataFrame:
