@@ -14,23 +14,12 @@ from test_generate import tiny_pipeline
 from lfdm import serving, tracking
 
 NAME = "lfdm-registry"
+pytestmark = pytest.mark.usefixtures("clean_env")  # and `store`: tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     return tiny_pipeline(write_tiny_bert(tmp_path_factory.mktemp("bert")))
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One SQLite store for the module (creating one takes seconds); each test its own model name."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", tracking.PARENT_ENV):
-        monkeypatch.delenv(name, raising=False)
 
 
 def evaluated(pipe, fvd: float, test_set: str, name: str = NAME) -> str:

@@ -18,16 +18,7 @@ from lfdm import tracking
 PARAMS = {"seed": 0, "train_dm": {"steps": 4, "lr": 1e-3}}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One SQLite store for the module (creating one takes seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", tracking.PARENT_ENV):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("clean_env")  # and `store`: tests/unit/conftest.py
 
 
 def runs(store: str, experiment: str) -> dict[str, object]:
