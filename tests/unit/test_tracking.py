@@ -138,7 +138,7 @@ def test_runs_of_processes_that_no_longer_exist_end_killed(store):
     }
 
 
-def test_a_store_failing_mid_run_costs_one_warning(store, monkeypatch, capsys):
+def test_a_store_failing_mid_run_costs_one_warning(store, capsys):
     assert tracking.configure(store, "mid-run")
     calls = []
 
@@ -146,8 +146,9 @@ def test_a_store_failing_mid_run_costs_one_warning(store, monkeypatch, capsys):
         calls.append(args)
         raise ConnectionError("Connection refused")
 
-    with tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"]):
-        monkeypatch.setattr(tracking.MlflowClient, "log_batch", dead)
+    # own patch contexts: undoing the test's monkeypatch would also undo clean_env's
+    with tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"]), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tracking.MlflowClient, "log_batch", dead)
         for step in range(5):
             tracking.log_metrics({"loss": 1.0}, step=step)
         tracking.log_image(np.zeros((4, 4, 3), "uint8"), "x.png")
@@ -155,15 +156,14 @@ def test_a_store_failing_mid_run_costs_one_warning(store, monkeypatch, capsys):
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "Connection refused" in warnings[0] and store in warnings[0]
 
-    monkeypatch.undo()
     assert tracking.configure(store, "mid-run-required", required=True)
     with (
         pytest.raises(tracking.TrackingError, match="Connection refused.*tracking.required is true"),
         tracking.stage_run("train_dm", PARAMS, PARAMS["train_dm"]),
+        pytest.MonkeyPatch.context() as patch,
     ):
-        monkeypatch.setattr(tracking.MlflowClient, "log_batch", dead)
+        patch.setattr(tracking.MlflowClient, "log_batch", dead)
         tracking.log_metrics({"loss": 1.0}, step=1)
-    monkeypatch.undo()
     assert runs(store, "mid-run-required")["train_dm"].info.status == "FAILED"
 
 
