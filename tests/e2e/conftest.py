@@ -65,6 +65,25 @@ def make_project(path: Path, overrides: dict | None = None) -> Path:
     return path
 
 
+def train_until_first_checkpoint(project: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``python -m stages train_lfae`` in ``project``, returned once its resume checkpoint exists."""
+    checkpoint = project / "data/checkpoints/train_lfae.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages", "train_lfae"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "train_lfae ended before its first checkpoint"
+        )
+        time.sleep(0.05)
+    return proc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

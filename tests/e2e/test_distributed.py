@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -20,7 +19,7 @@ from lfdm.diffusion import load_dm
 from lfdm.models.lfae_checkpoints import load_lfae
 from lfdm.training import BatchStream, sharded_loader
 
-from .conftest import make_project, service_env
+from .conftest import make_project, service_env, train_until_first_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -177,17 +176,7 @@ def test_killed_two_process_training_resumes_from_its_checkpoint(tmp_path):
     env = service_env(tmp_path)
     stage(project, "preprocess", env)
     checkpoint = project / "data/checkpoints/train_lfae.pt"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages", "train_lfae"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "ended before its first checkpoint"
-        time.sleep(0.05)
+    proc = train_until_first_checkpoint(project, env)
     # the launcher, torchrun and both workers at once, as a crash would (torchrun starts each worker in its
     # own session, so killing the launcher's process group would leave them running)
     for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:

@@ -30,7 +30,7 @@ from lfdm.serving import encode_image
 from lfdm.video import count_frames
 from stages import SHARDED, STAGES
 
-from .conftest import BIN, make_project, service_env, stop
+from .conftest import BIN, make_project, service_env, stop, train_until_first_checkpoint
 
 pytestmark = pytest.mark.slow
 TRACKED = [stage for stage in STAGES if stage != "finetune_decoder"]  # off by default, so it opens no run
@@ -267,19 +267,7 @@ def test_killed_training_stage_resumes_from_its_checkpoint_bit_for_bit(tmp_path)
     env = service_env(tmp_path)
     run([sys.executable, "-m", "stages", "preprocess"], project, env)
     checkpoint = project / "data/checkpoints/train_lfae.pt"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages", "train_lfae"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (
-            "train_lfae ended before its first checkpoint"
-        )
-        time.sleep(0.05)
+    proc = train_until_first_checkpoint(project, env)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(checkpoint, weights_only=True)["step"]

@@ -2,8 +2,6 @@
 
 import pytest
 
-from lfdm import tracking
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
@@ -14,5 +12,7 @@ def store(tmp_path_factory) -> str:
 @pytest.fixture
 def clean_env(monkeypatch):
     """No tracking URI, DVC root or parent run inherited from the shell or an earlier test."""
+    from lfdm import tracking  # here: every unit test session loads this file, few need mlflow
+
     for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", tracking.PARENT_ENV):
         monkeypatch.delenv(name, raising=False)
