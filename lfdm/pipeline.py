@@ -55,7 +55,7 @@ FORMAT_VERSION = 1
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 # __call__'s keyword for the SamplerConfig fields it names otherwise (diffusers' names)
 KEYWORDS = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
-_URI = re.compile(r"[a-z][a-z0-9+.-]+:/")  # models:/…, runs:/…, s3://…: an MLflow model, not a directory
+MODEL_URI = re.compile(r"[a-z][a-z0-9+.-]+:/")  # models:/…, runs:/…, s3://…: an MLflow model, not a directory
 
 
 class PipelineConfig(Section):
@@ -212,7 +212,7 @@ class LFDMPipeline:
         """A directory written by :meth:`save_pretrained`, or an MLflow model URI (``models:/lfdm@champion``,
         ``runs:/<run id>/model``) of one logged by ``lfdm.serving.log_pipeline``."""
         directory = Path(path_or_uri)
-        if not directory.exists() and _URI.match(str(path_or_uri)):
+        if not directory.exists() and MODEL_URI.match(str(path_or_uri)):
             directory = _download_pipeline(str(path_or_uri))
         path = directory / CONFIG_NAME
         try:

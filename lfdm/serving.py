@@ -8,7 +8,8 @@ alias ``champion`` to it only when it beats the champion's FVD on the same test 
 A request holds one row per video, ``image`` (a PNG or JPEG as base64, or a ``data:`` URL of one) and
 ``label`` (any text), and optionally the params ``steps``, ``guidance`` (default: the pipeline's sampler) and
 ``seed`` (default 0; row i draws its noise from ``seed + i``). Each answer row is ``video``,
-``(K, H, W, 3)`` uint8, and ``mp4``, the same video as a base64 MP4. A request that cannot be used is an
+``(K, H, W, 3)`` uint8, ``mp4``, the same video as a base64 MP4, and ``flow``, its latent flows side by side
+as a base64 PNG (:func:`lfdm.viz.flow_strip`). A request that cannot be used is an
 ``INVALID_PARAMETER_VALUE`` error naming the field, which the scoring server answers with HTTP 400; a
 failure of the server's own is an HTTP 500; neither carries a traceback.
 """
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from lfdm import tracking
 from lfdm.device import resolve_device
 from lfdm.pipeline import LFDMPipeline, SamplerOptionError, load_image, to_rgb
-from lfdm.viz import to_uint8
+from lfdm.viz import flow_strip, to_uint8
 
 PIPELINE_ARTIFACT = "pipeline"
 CHAMPION = "champion"  # the alias of the registered version with the best FVD
@@ -72,7 +73,13 @@ def signature(pipe: LFDMPipeline) -> ModelSignature:
     sampler = pipe.config.sampler
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image"), ColSpec("string", "label")]),
-        outputs=Schema([ColSpec(Array(Array(Array(Array("integer")))), "video"), ColSpec("string", "mp4")]),
+        outputs=Schema(
+            [
+                ColSpec(Array(Array(Array(Array("integer")))), "video"),
+                ColSpec("string", "mp4"),
+                ColSpec("string", "flow"),
+            ]
+        ),
         params=ParamSchema(
             [
                 ParamSpec("steps", "long", pipe.inference_steps(sampler)),
@@ -163,7 +170,13 @@ class LFDMModel(PythonModel):
         )
         with tempfile.TemporaryDirectory() as tmp:
             mp4 = gen.save_video(Path(tmp) / "video.mp4", fps=FPS).read_bytes()
-        return {"video": gen.frames(0), "mp4": base64.b64encode(mp4).decode()}
+        flow = io.BytesIO()
+        Image.fromarray(flow_strip(gen.flow[0])).save(flow, format="PNG")
+        return {
+            "video": gen.frames(0),
+            "mp4": base64.b64encode(mp4).decode(),
+            "flow": base64.b64encode(flow.getvalue()).decode(),
+        }
 
 
 def input_example(pipe: LFDMPipeline) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -174,6 +187,18 @@ def input_example(pipe: LFDMPipeline) -> tuple[pd.DataFrame, dict[str, Any]]:
     label = next(iter(pipe.embeddings), "zoom in")
     params = {spec.name: spec.default for spec in signature(pipe).params.params}
     return pd.DataFrame([{"image": encode_image(photo), "label": label}]), params
+
+
+def _model_arguments(pipe: LFDMPipeline, saved: Path) -> dict[str, Any]:
+    """What ``mlflow.pyfunc.log_model`` and ``save_model`` take for ``pipe``, saved at ``saved``."""
+    return {
+        "python_model": LFDMModel(),
+        "artifacts": {PIPELINE_ARTIFACT: str(saved)},
+        "signature": signature(pipe),
+        "code_paths": [str(Path(__file__).parent)],
+        "pip_requirements": [f"{package}=={version(package)}" for package in REQUIREMENTS],
+        "model_config": {"device": "auto"},  # the keys load_model / SERVING_MODEL_CONFIG may set
+    }
 
 
 def log_pipeline(
@@ -188,15 +213,18 @@ def log_pipeline(
         saved = pipe.save_pretrained(Path(tmp) / PIPELINE_ARTIFACT)
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=LFDMModel(),
-            artifacts={PIPELINE_ARTIFACT: str(saved)},
-            signature=signature(pipe),
             input_example=input_example(pipe),
-            code_paths=[str(Path(__file__).parent)],
-            pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
-            model_config={"device": "auto"},  # the keys load_model / SERVING_MODEL_CONFIG may set
             registered_model_name=registered_model_name,
+            **_model_arguments(pipe, saved),
         )
+
+
+def save_pipeline_model(pipe: LFDMPipeline, path: str | Path) -> None:
+    """``pipe`` as a pyfunc model in the new folder ``path``, without a tracking store (``lfdm serve`` of a
+    saved pipeline)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = pipe.save_pretrained(Path(tmp) / PIPELINE_ARTIFACT)
+        mlflow.pyfunc.save_model(path, **_model_arguments(pipe, saved))
 
 
 def register(pipe: LFDMPipeline, metrics: Mapping[str, float], test_set: str, name: str) -> None:
