@@ -9,8 +9,9 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export SE_AVOID_STATS := true
 
-.PHONY: install run lint test test-fast bench
+.PHONY: install run lint browser test test-fast bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements-assets.txt
@@ -29,7 +30,13 @@ lint: install  ## what the pre-commit hooks run: ruff (rules + format) and pyrig
 	ruff format --check .
 	pyright -p .  # this project's config (pyproject.toml), whatever pyrightconfig.json lies above it
 
-test: install lint  ## lint, then unit tests + end-to-end runs against real DVC, Prefect and MLflow servers
+APT_BROWSER := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
+browser:  ## Chromium + chromedriver for the web page's test (Debian, as root); elsewhere that test is skipped
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { $(APT_BROWSER) >/dev/null || { apt-get update -q >/dev/null && $(APT_BROWSER) >/dev/null; }; }; } \
+	  || echo "no Chromium here: the tests marked browser will be skipped"
+
+test: install lint browser  ## lint, then unit tests + end-to-end runs against real DVC, Prefect and MLflow servers
 	pytest -q
 
 test-fast: install

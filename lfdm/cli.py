@@ -1,6 +1,7 @@
 """``lfdm`` command line: ``lfdm generate`` (image + label → video), ``lfdm repro`` (``dvc repro`` under one
 MLflow parent run), ``lfdm params`` (an overlay such as configs/paper.yaml written into params.yaml) and
-``lfdm footage`` (a folder dataset of real clips that install offline).
+``lfdm footage`` (a folder dataset of real clips that install offline) and ``lfdm serve`` (the model's REST
+endpoint with a web page).
 
 Exit status 2 is a usage error (a flag, or a file it names), 1 a failure while running; either is one line
 on stderr that names the flag or file, never a traceback."""
@@ -162,6 +163,20 @@ def footage(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from lfdm import tracking, web
+
+    model = args.model
+    if model is None:  # the registry's champion, in the store the pipeline tracks into
+        p = load_params(find_params(args.params))
+        mlflow.set_tracking_uri(tracking.resolve_uri(p.tracking.uri))
+        model = f"models:/{p.tracking.model_name}@champion"
+    web.serve(model, host=args.host, port=args.port)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="lfdm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"%(prog)s {version('lfdm')}")
@@ -218,6 +233,23 @@ def parser() -> argparse.ArgumentParser:
     over.add_argument("overlay", help="a YAML of the keys to change, in params.yaml's sections")
     over.add_argument("--params", default=argparse.SUPPRESS, help=params_help)
     over.set_defaults(func=params)
+
+    srv = commands.add_parser(
+        "serve",
+        help="answer POST /invocations as `mlflow models serve` does, with a web page on / to try the model",
+    )
+    srv.add_argument(
+        "model",
+        nargs="?",
+        help="an MLflow model URI or folder, or a folder LFDMPipeline.save_pretrained wrote "
+        "(default: models:/<tracking.model_name>@champion in the pipeline's tracking store)",
+    )
+    srv.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine)"
+    )
+    srv.add_argument("--port", type=_int_within(1, 65535), default=5005, help="(default: %(default)s)")
+    srv.add_argument("--params", default=argparse.SUPPRESS, help=params_help)
+    srv.set_defaults(func=serve)
 
     foot = commands.add_parser(
         "footage",

@@ -572,6 +572,22 @@ def test_generate_rejects_out_of_range_sampler_options(tmp_path, capsys, option,
     assert option.removeprefix("--") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["no-such-folder", "not-a-model", "unregistered"])
+def test_serve_names_a_model_it_cannot_load(tmp_path, capsys, monkeypatch, kind) -> None:
+    from lfdm.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    (tmp_path / "folder").mkdir()
+    source = {
+        "no-such-folder": str(tmp_path / "nope"),
+        "not-a-model": str(tmp_path / "folder"),
+        "unregistered": "models:/nope@champion",
+    }[kind]
+    assert main(["serve", source]) == 1
+    err = capsys.readouterr().err
+    assert source in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------ the table in docs
 
 
