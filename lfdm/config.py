@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -559,10 +560,28 @@ def apply_overlay(overlay: str | Path, params: str | Path = "params.yaml") -> li
     """Write ``overlay``'s values (a YAML of the keys that differ, e.g. configs/paper.yaml) into the params
     file ``params`` in place, its comments and key order kept; the result is validated before anything is
     written. Returns the dotted keys whose value changed."""
+    return apply_values(_read_mapping(Path(overlay)), params, str(overlay))
+
+
+def apply_dotted(values: Mapping[str, Any], params: str | Path = "params.yaml") -> list[str]:
+    """:func:`apply_overlay` for dotted keys, ``{"train_dm.lr": 1e-4}`` (as ``dvc exp run -S`` takes them)."""
+    nested: dict[str, Any] = {}
+    for dotted, value in values.items():
+        *parents, last = dotted.split(".")
+        node = nested
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"{dotted}: {key} is given a value and keys at once")
+        node[last] = value
+    return apply_values(nested, params, "the given values")
+
+
+def apply_values(changes: dict[str, Any], params: str | Path, source: str) -> list[str]:
+    """Write the nested ``changes`` (from ``source``, named in errors) into ``params``; see :func:`apply_overlay`."""
     from ruamel.yaml import YAML  # round-trip YAML (DVC's own): comments survive
 
-    overlay, params = Path(overlay), Path(params)
-    changes = _read_mapping(overlay)
+    params = Path(params)
     round_trip = YAML()
     round_trip.width, round_trip.default_flow_style = 4096, None  # no re-wrapping; new lists inline like ours
     round_trip.preserve_quotes = True
@@ -579,7 +598,7 @@ def apply_overlay(overlay: str | Path, params: str | Path = "params.yaml") -> li
         for key, value in values.items():
             dotted = f"{prefix}{key}"
             if not isinstance(node, dict) or key not in node:
-                raise ParamsError(f"{overlay}: {dotted} is not a key of {params}")
+                raise ParamsError(f"{source}: {dotted} is not a key of {params}")
             if isinstance(value, dict):
                 merge(node[key], value, f"{dotted}.")
             elif node[key] != value:
@@ -589,6 +608,6 @@ def apply_overlay(overlay: str | Path, params: str | Path = "params.yaml") -> li
     merge(tree, changes, "")
     text = io.StringIO()
     round_trip.dump(tree, text)
-    parse_params(yaml.safe_load(text.getvalue()), f"{params} with {overlay}")
+    parse_params(yaml.safe_load(text.getvalue()), f"{params} with {source}")
     params.write_text(text.getvalue())
     return changed

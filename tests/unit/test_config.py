@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from lfdm.config import Params, ParamsError, apply_overlay, load_params, parse_params
+from lfdm.config import Params, ParamsError, apply_dotted, apply_overlay, load_params, parse_params
 from lfdm.device import resolve_device
 from stages import STAGES
 
@@ -227,6 +227,22 @@ def test_a_bad_overlay_names_the_key_and_writes_nothing(tmp_path):
     with pytest.raises(ParamsError, match=r"params.yaml with .*bad.yaml: train_dm.lr"):
         apply_overlay(tmp_path / "bad.yaml", params)
     assert params.read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_dotted_values_are_written_with_comments_kept_and_a_typo_named(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    changed = apply_dotted({"train_dm.lr": 2.5e-4, "sample.steps": 7, "seed": 0}, params)
+    assert changed == ["train_dm.lr", "sample.steps"]  # seed was 0 already
+    p = load_params(params)
+    assert (p.train_dm.lr, p.sample.steps) == (2.5e-4, 7)
+    assert params.read_text().count("#") == (ROOT / "params.yaml").read_text().count("#")
+    before = params.read_text()
+    with pytest.raises(ParamsError, match=r"the given values: train_dm.lrr is not a key"):
+        apply_dotted({"train_dm.lrr": 1e-3}, params)
+    with pytest.raises(ParamsError, match=r"train_dm.lr"):
+        apply_dotted({"train_dm.lr": -1}, params)
+    assert params.read_text() == before
 
 
 def test_lfdm_params_writes_an_overlay_and_names_a_typo(tmp_path, capsys):
