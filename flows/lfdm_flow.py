@@ -7,23 +7,66 @@ so ``dvc repro`` after a Prefect run has nothing to do. Independent stages (``em
 ``train_lfae`` → ``extract_flow``, ``evaluate_references`` beside ``train_dm`` → ``sample``) run concurrently,
 as threads of this process. With ``parallel.dask`` the clip-by-clip stages run
 their shards on a Dask cluster (:mod:`flows.dask_shards`).
+
+One run at a time per working tree: a second run (from another deployment, worker or server) finds the
+tree locked and ends at once, doing nothing. ``set_params`` (dotted keys, as ``dvc exp run -S`` takes them)
+is written into params.yaml before the run, so DVC records what ran; when ``evaluate`` ran, its table and
+the MLflow run become the markdown artifact ``lfdm-evaluation``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
 from flows import dvc_state
 from flows.dask_shards import dask_map_shards
-from lfdm.config import load_params
+from lfdm.config import Params, apply_dotted, load_params
+from lfdm.errors import UserError
 from stages import SHARDED, STAGES, execute
+
+LOCK = ".dvc/tmp/lfdm-flow.lock"  # under the working tree's .dvc/tmp, beside DVC's own lock
+ARTIFACT = "lfdm-evaluation"
+
+
+class WorkingTreeBusy(UserError):
+    """Another flow run holds this working tree."""
+
+
+@contextmanager
+def working_tree_lock(project: Path) -> Iterator[None]:
+    """Hold :data:`LOCK` of ``project`` for the block, or raise :class:`WorkingTreeBusy` naming its holder.
+    A flock: the system drops it when its process dies, so a killed run leaves nothing to clean."""
+    path = project / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise WorkingTreeBusy(
+                f"{project.resolve()}: another lfdm flow run ({holder}) is running in this working tree; "
+                "this run did nothing"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -40,15 +83,40 @@ def run_stage(name: str, params_path: str, force: bool) -> dict[str, float]:
     except Exception as err:
         raise RuntimeError(f"stage {name!r} failed: {type(err).__name__}: {err}") from err
     dvc_state.record(name)
+    if name == "evaluate":
+        _publish_evaluation(params)
     return metrics
+
+
+def _publish_evaluation(params: Params) -> None:
+    """evaluate's table and the pipeline's MLflow run as the markdown artifact :data:`ARTIFACT`."""
+    from lfdm import tracking
+
+    parent = os.environ.get(tracking.PARENT_ENV)
+    run = tracking.run_link(parent) if params.tracking.enabled and parent else "not tracked"
+    table = (Path(params.paths.metrics) / "evaluate_table.md").read_text()
+    create_markdown_artifact(
+        markdown=f"{table}\n\nMLflow: {run}\n", key=ARTIFACT, description="the pipeline's evaluation table"
+    )
 
 
 @flow(name="lfdm", log_prints=True)
 def lfdm(
-    params_path: str = "params.yaml", project_dir: str = ".", force: bool = False
+    params_path: str = "params.yaml",
+    project_dir: str = ".",
+    force: bool = False,
+    set_params: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run the whole pipeline (``force`` re-runs stages that DVC considers up to date)."""
+    """Run the whole pipeline: ``force`` re-runs stages that DVC considers up to date; ``set_params``
+    (``{"train_dm.lr": 1e-4}``) changes params.yaml first."""
     os.chdir(project_dir)
+    with working_tree_lock(Path.cwd()):
+        if set_params:
+            print(f"{params_path}: set {', '.join(apply_dotted(set_params, params_path)) or 'nothing new'}")
+        return _run_pipeline(params_path, force)
+
+
+def _run_pipeline(params_path: str, force: bool) -> dict[str, dict[str, float]]:
     params = load_params(params_path)
     graph = dvc_state.stage_graph()
     unknown = set(graph.nodes) - set(STAGES)

@@ -342,6 +342,15 @@ def stage_run(stage: str, params: Mapping[str, Any], section: Mapping[str, Any])
 # code may call them unconditionally.
 
 
+def run_link(run_id: str) -> str:
+    """Where to look at ``run_id``: its page on a tracking server, or the ``mlflow ui`` command that shows a
+    local store (the page is then ``http://127.0.0.1:5000`` + the same path)."""
+    path = f"#/experiments/{_store().experiment_id}/runs/{run_id}"
+    if _uri and _uri.startswith(("http://", "https://")):
+        return f"{_uri.rstrip('/')}/{path}"
+    return f"run {run_id}: `mlflow ui --backend-store-uri {_uri}`, then {path}"
+
+
 def active_run_id() -> str | None:
     """The run this thread logs into, None when there is none or the store is down."""
     return None if _down else getattr(_local, "run_id", None)

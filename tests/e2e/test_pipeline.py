@@ -217,7 +217,9 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
 
 
 def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_server):
-    """The deployment as users run it, with the clip-by-clip stages sharded over 2 local Dask workers."""
+    """The deployment as users run it, with the clip-by-clip stages sharded over 2 local Dask workers and a
+    param set from the run; a second run triggered at once waits and then has nothing to do; the evaluation
+    table and the MLflow run become a Prefect artifact."""
     project = make_project(
         tmp_path / "project",
         {"tracking": {"experiment": "prefect-e2e"}, "parallel": {"dask": True, "shards": 2, "workers": 2}},
@@ -239,13 +241,30 @@ def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_s
         ).returncode:
             assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
-        output = run([str(BIN / "prefect"), "deployment", "run", "lfdm/full", "--watch"], project, env)
-        assert "Completed" in output, output[-3000:] + log.read_text()[-3000:]
+        deployment_run = [str(BIN / "prefect"), "deployment", "run", "lfdm/full", "--watch"]
+        first = subprocess.Popen(
+            [*deployment_run, "--param", 'set_params={"sample.seed": 5}'],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(2)
+        second = run(deployment_run, project, env)  # queued behind the first (one run at a time)
+        output = first.communicate(timeout=1200)[0]
+        assert first.returncode == 0 and "Completed" in output, output[-3000:] + log.read_text()[-3000:]
+        assert "Completed" in second, second[-3000:]
+        artifact = run([str(BIN / "prefect"), "artifact", "inspect", "lfdm-evaluation"], project, env)
     finally:
         stop(serve)
     served = log.read_text()
     for stage in SHARDED:
         assert f"{stage}-shards" in served, served[-3000:]  # the stage's shards ran as a Dask sub-flow
+    for stage in ("train_dm", "sample", "evaluate"):  # the second run found them up to date
+        assert served.count(f"{stage}: up to date (dvc status), skipped") == 1, served[-3000:]
+    assert yaml.safe_load((project / "params.yaml").read_text())["sample"]["seed"] == 5
+    assert "| lfdm |" in artifact and f"MLflow: {mlflow_server}" in artifact, artifact
 
     assert_pipeline_outputs(project)
     # the flow recorded what it ran in dvc.lock, so DVC agrees that everything is up to date

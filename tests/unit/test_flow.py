@@ -1,0 +1,48 @@
+"""The Prefect flow's own rules, without a server: one run per working tree, and what a second run does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.lfdm_flow import LOCK, WorkingTreeBusy, lfdm, working_tree_lock
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_second_run_in_a_locked_working_tree_does_nothing(tmp_path, monkeypatch):
+    # a run that got past the lock would fail on these params
+    (tmp_path / "params.yaml").write_text("not: [valid params\n")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from pathlib import Path; from flows.lfdm_flow import working_tree_lock as lock\n"
+            f"with lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); import time; time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        monkeypatch.chdir(tmp_path)  # the flow changes into project_dir; this is undone after the test
+        with pytest.raises(WorkingTreeBusy, match=rf"another lfdm flow run \(pid {holder.pid}\)"):
+            lfdm.fn(project_dir=str(tmp_path), set_params={"seed": 1})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "params.yaml").read_text() == "not: [valid params\n"  # set_params came after the lock
+    deadline = time.monotonic() + 10
+    while True:  # the system drops a killed holder's lock
+        try:
+            with working_tree_lock(tmp_path):
+                break
+        except WorkingTreeBusy:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert (tmp_path / LOCK).is_file()
