@@ -179,11 +179,26 @@ class LFDMModel(PythonModel):
         }
 
 
-def input_example(pipe: LFDMPipeline) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """One request: a photo shipped with scikit-image, the first embedded label, the default params."""
+# photos shipped with scikit-image worth animating: (its loader, rows, columns) of a square crop
+EXAMPLE_PHOTOS: dict[str, tuple[str, slice, slice]] = {
+    "astronaut": ("astronaut", slice(0, 300), slice(100, 400)),
+    "cat": ("chelsea", slice(0, 300), slice(50, 350)),
+    "coffee": ("coffee", slice(0, 400), slice(100, 500)),
+    "rocket": ("rocket", slice(0, 427), slice(100, 527)),
+}
+
+
+def example_photo(name: str) -> np.ndarray:
+    """:data:`EXAMPLE_PHOTOS`' square crop ``name``, ``(S, S, 3)`` uint8."""
     import skimage.data
 
-    photo = to_uint8(load_image(skimage.data.astronaut()[:300, 100:400], pipe.image_size))
+    loader, rows, cols = EXAMPLE_PHOTOS[name]
+    return np.asarray(getattr(skimage.data, loader)())[rows, cols]
+
+
+def input_example(pipe: LFDMPipeline) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One request: a photo shipped with scikit-image, the first embedded label, the default params."""
+    photo = to_uint8(load_image(example_photo("astronaut"), pipe.image_size))
     label = next(iter(pipe.embeddings), "zoom in")
     params = {spec.name: spec.default for spec in signature(pipe).params.params}
     return pd.DataFrame([{"image": encode_image(photo), "label": label}]), params

@@ -16,7 +16,6 @@ from importlib import resources
 from pathlib import Path
 
 import mlflow
-import numpy as np
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, Response
 from mlflow.exceptions import MlflowException
@@ -26,30 +25,19 @@ from PIL import Image
 
 from lfdm.errors import UserError
 from lfdm.pipeline import CONFIG_NAME, MODEL_URI, LFDMPipeline
-from lfdm.serving import save_pipeline_model
+from lfdm.serving import EXAMPLE_PHOTOS, example_photo, save_pipeline_model
 
 EXAMPLE_SIZE = 256
 
 
-def _crops() -> dict[str, tuple[str, slice, slice]]:
-    """scikit-image's photos worth animating: (loader name, rows, columns) of a square crop."""
-    return {
-        "astronaut": ("astronaut", slice(0, 300), slice(100, 400)),
-        "cat": ("chelsea", slice(0, 300), slice(50, 350)),
-        "coffee": ("coffee", slice(0, 400), slice(100, 500)),
-        "rocket": ("rocket", slice(0, 427), slice(100, 527)),
-    }
-
-
 @cache
 def example_png(name: str) -> bytes:
-    """One of :func:`_crops`' photos, square, :data:`EXAMPLE_SIZE` wide, as PNG bytes."""
-    import skimage.data
-
-    loader, rows, cols = _crops()[name]
-    photo = Image.fromarray(np.asarray(getattr(skimage.data, loader)())[rows, cols])
+    """A photo of :data:`~lfdm.serving.EXAMPLE_PHOTOS`, :data:`EXAMPLE_SIZE` wide, as PNG bytes."""
+    photo = Image.fromarray(example_photo(name)).resize(
+        (EXAMPLE_SIZE, EXAMPLE_SIZE), Image.Resampling.LANCZOS
+    )
     buffer = io.BytesIO()
-    photo.resize((EXAMPLE_SIZE, EXAMPLE_SIZE), Image.Resampling.LANCZOS).save(buffer, format="PNG")
+    photo.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -83,12 +71,12 @@ def create_app(model: PyFuncModel) -> FastAPI:
 
     @app.get("/examples")
     async def examples() -> list[str]:
-        return list(_crops())
+        return list(EXAMPLE_PHOTOS)
 
     @app.get("/examples/{name}.png")
     async def example(name: str) -> Response:
-        if name not in _crops():
-            raise HTTPException(404, f"no example {name!r}; there are {', '.join(_crops())}")
+        if name not in EXAMPLE_PHOTOS:
+            raise HTTPException(404, f"no example {name!r}; there are {', '.join(EXAMPLE_PHOTOS)}")
         return Response(example_png(name), media_type="image/png")
 
     return app
