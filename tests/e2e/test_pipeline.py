@@ -255,7 +255,8 @@ def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_s
         output = first.communicate(timeout=1200)[0]
         assert first.returncode == 0 and "Completed" in output, output[-3000:] + log.read_text()[-3000:]
         assert "Completed" in second, second[-3000:]
-        artifact = run([str(BIN / "prefect"), "artifact", "inspect", "lfdm-evaluation"], project, env)
+        inspect = [str(BIN / "prefect"), "artifact", "inspect", "lfdm-evaluation"]
+        artifact = " ".join(run(inspect, project, env | {"COLUMNS": "500"}).split())  # rich wraps long lines
     finally:
         stop(serve)
     served = log.read_text()
