@@ -226,7 +226,7 @@ class TrainingState:
         tracking.log_metrics(values, step=self.step)
 
     def write_plot(self, path: str | Path) -> None:
-        """The history as a TSV that ``dvc plots`` reads (x = step)."""
+        """The history as a TSV that ``dvc plots`` reads (x = step), also an artifact of the tracked run."""
         if not distributed.is_main():
             return
         path = Path(path)
@@ -234,6 +234,7 @@ class TrainingState:
         keys = list(dict.fromkeys(k for row in self.history for k in row))
         lines = ["\t".join(keys)] + ["\t".join(f"{row.get(k, '')}" for k in keys) for row in self.history]
         path.write_text("\n".join(lines) + "\n")
+        tracking.log_file(path)
 
     def finish(self) -> None:
         if distributed.is_main():

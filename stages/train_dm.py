@@ -10,17 +10,20 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 
-from lfdm import distributed
-from lfdm.config import Params
+from lfdm import distributed, tracking
+from lfdm.config import Params, SamplerConfig
 from lfdm.data import FlowSequenceDataset, FlowStore, read_manifest
 from lfdm.device import resolve_device
 from lfdm.diffusion import FlowDiffusion, save_dm
 from lfdm.models.unet3d import Unet3D
+from lfdm.models.warp import from_diffusion_tensor
 from lfdm.text import load_embeddings
 from lfdm.training import TrainingState, adam, fit, lr_schedule, seed_everything, sharded_loader
+from lfdm.viz import flow_strip
 
 TARGET_FIT_CLIPS = 1024  # training clips, evenly spaced, that set the displacement scale (bounded memory)
 
@@ -88,7 +91,29 @@ def run(p: Params) -> dict[str, float]:
             latent_size=attrs.latent_size,
             step=state.step,
         )
+        _log_sample(p, diffusion, sequences[0], device)
     state.write_plot(Path(p.paths.plots) / "train_dm.tsv")
     state.finish()
     recent = [row["loss/diffusion"] for row in state.history[-5:]]
     return {"loss": sum(recent) / len(recent), "steps": state.step}
+
+
+def _log_sample(p: Params, diffusion: FlowDiffusion, clip: dict, device: torch.device) -> None:
+    """The first training clip's latent flows (top row) and the saved model's for its x0 and label (bottom;
+    :class:`SamplerConfig`'s default sampler, not ``sample``'s, which is no param of this stage) as the run's
+    picture: has the model learnt the training motion? Its own generator, so nothing saved depends on it."""
+    if tracking.active_run_id() is None:
+        return
+    diffusion.eval()
+    with torch.inference_mode():
+        sampled = diffusion.sample(
+            clip["z0"][None].to(device),
+            clip["text"][None].to(device),
+            num_frames=clip["x0"].shape[1],
+            sampler=SamplerConfig(),
+            generator=torch.Generator(device).manual_seed(p.seed),
+        )
+    real, _ = from_diffusion_tensor(clip["x0"][None])
+    generated, _ = from_diffusion_tensor(sampled.float().cpu())
+    picture = np.concatenate((flow_strip(real[0]), flow_strip(generated[0])))
+    tracking.log_image(picture, "flows_real_vs_sampled.png")

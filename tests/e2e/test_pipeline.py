@@ -153,6 +153,8 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
     assert by_name["train_dm"].data.params["train_dm.train_dm.steps"] == "4"
     artifacts = {name: {a.path for a in client.list_artifacts(r.info.run_id)} for name, r in by_name.items()}
     assert "reconstructions.png" in artifacts["train_lfae"]
+    assert {"train_dm.tsv", "flows_real_vs_sampled.png"} <= artifacts["train_dm"]  # loss table, sampled flows
+    assert "pretrain_flow.tsv" in artifacts["pretrain_flow"]
     assert "real_vs_generated.gif" in artifacts["evaluate"]
     assert client.list_artifacts(by_name["sample"].info.run_id, "samples")
     champion = assert_registered_champion(project, mlflow_server, by_name["evaluate"], evaluated)
