@@ -406,7 +406,10 @@ class LFDMPipeline:
                 occlusion.flatten(0, 1),
             ).float()
         return Generation(
-            videos=frames.unflatten(0, (len(labels), k)), flow=grid, occlusion=occlusion, z0=features.latent
+            videos=frames.unflatten(0, (len(labels), k)),
+            flow=grid,
+            occlusion=occlusion,
+            z0=features.latent.float(),  # Φ ran under autocast: fp32 like the rest
         )
 
 
