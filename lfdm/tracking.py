@@ -33,9 +33,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import psutil
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking.context.registry import resolve_tags
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 from tqdm import tqdm
 
 from lfdm.errors import UserError
@@ -43,6 +43,7 @@ from lfdm.errors import UserError
 T = TypeVar("T")
 PARENT_ENV = "LFDM_MLFLOW_PARENT_RUN_ID"
 MARKER = Path(".lfdm/mlflow-parent.json")
+CODE_DIRS = ("lfdm/", "stages/")  # a stage's deps there are code; the rest are data (dataset inputs)
 CONNECT_TIMEOUT = 3.0  # seconds an HTTP store has to answer before the stage goes on untracked
 
 # Telemetry off unless the user opted in explicitly (MLflow reads the string "true", not "1").
@@ -416,24 +417,68 @@ def log_results(values: Mapping[str, float], headline: Mapping[str, float] | Non
         _call(client.log_batch, parent, metrics=_metrics(headline))
 
 
-def tag_outputs(stage: str) -> None:
-    """Tag the stage's run with the md5 DVC records for each of the stage's outputs (``dvc.md5.<path>``),
-    so that a run names the very artifacts it made. DVC's own hashing, from dvc.yaml in the working
-    directory: it keeps what it computed, so DVC's commit after the stage does not hash them again."""
+def log_lineage(stage: str) -> None:
+    """What DVC knows of the stage, on its run: the md5 of each output as a ``dvc.md5.<path>`` tag (the very
+    artifacts it made), and each data dependency (another stage's output: frames, flows, models; not code or
+    params) as an MLflow dataset input named by its path with DVC's md5 as its digest (the run page's
+    "Datasets used"). DVC's own hashing, from dvc.yaml in the working directory: it keeps what it computed,
+    so DVC's commit after the stage does not hash them again."""
     if not (run_id := active_run_id()) or not Path("dvc.yaml").is_file():
         return
+    from dvc.dependency.param import ParamsDependency
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     try:
         with Repo(".") as repo:
-            outs = repo.stage.from_target(stage)[0].outs  # collect(stage)'s list, typed as such
+            found = repo.stage.from_target(stage)[0]
             # hashing an output builds it, so its hash is set (the type allows None)
-            tags = {f"dvc.md5.{out.def_path}": md5 for out in outs if (md5 := out.get_hash().value)}
+            tags = {f"dvc.md5.{out.def_path}": md5 for out in found.outs if (md5 := out.get_hash().value)}
+            data = [
+                dep
+                for dep in found.deps
+                if not isinstance(dep, ParamsDependency) and not dep.def_path.startswith(CODE_DIRS)
+            ]
+            inputs = [
+                DatasetInput(
+                    Dataset(
+                        name=dep.def_path,
+                        digest=dep.get_hash().value or "",
+                        source_type="dvc",
+                        source=json.dumps({"path": dep.def_path}),
+                        profile=json.dumps({"size": dep.meta.size, "nfiles": dep.meta.nfiles}),
+                    ),
+                    [InputTag(MLFLOW_DATASET_CONTEXT, stage)],
+                )
+                for dep in data
+            ]
     except (DvcException, OSError) as err:
         tqdm.write(f"warning: {stage}: no DVC hashes for its MLflow run: {err}", file=sys.stderr)
         return
-    _call(_store().client.log_batch, run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    client = _store().client
+    _call(client.log_batch, run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    if inputs:
+        _call(client.log_inputs, run_id, datasets=inputs)
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str | None) -> Iterator[None]:
+    """This machine's CPU, memory, disk and network use (GPU with ``pynvml``) as the run's ``system/*``
+    metrics while the block runs, every 10 s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``); nothing
+    without a run."""
+    if run_id is None or _uri is None or _down:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = _call(SystemMetricsMonitor, run_id, tracking_uri=_uri)
+    if monitor is not None:
+        monitor.start()
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def log_image(image: np.ndarray, artifact_file: str) -> None:

@@ -33,6 +33,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "evaluate_references": ("seed", "device", "evaluate"),
     "evaluate": ("device", "sample.fps", "evaluate"),
 }
+# stages whose runs carry the machine's system metrics (MLflow's monitor) while they train
+TRAINING = ("pretrain_flow", "train_lfae", "finetune_decoder", "train_dm")
 # evaluate's metrics that the pipeline's MLflow parent run carries (with the ratios of _headline)
 HEADLINE = ("fvd/lfdm", "fvd/oracle", "fvd/static", "accuracy/lfdm", "accuracy/real", "l1/lfdm")
 # stages that work clip by clip: ``run(params, shards, map_shards)`` splits them (lfdm.shards)
@@ -70,7 +72,7 @@ def execute(name: str, params: Params, map_shards: MapShards | None = None) -> d
             from lfdm import tracking
 
             tracking.log_results(metrics, _headline(name, metrics))
-            tracking.tag_outputs(name)  # every output written, the metrics file included
+            tracking.log_lineage(name)  # every output written, the metrics file included
     return metrics
 
 
@@ -98,7 +100,11 @@ def _tracked(name: str, params: Params) -> Iterator[str | None]:
             yield run_id
     else:
         tree = params.model_dump(mode="json")
-        with tracking.stage_run(name, tree, {key: _lookup(tree, key) for key in STAGES[name]}) as run_id:
+        section = {key: _lookup(tree, key) for key in STAGES[name]}
+        with (
+            tracking.stage_run(name, tree, section) as run_id,
+            tracking.system_metrics(run_id if name in TRAINING else None),
+        ):
             yield run_id
 
 

@@ -27,8 +27,9 @@ from lfdm.data import FrameStore, read_manifest
 from lfdm.models.lfae_checkpoints import sampling_lfae_path
 from lfdm.pipeline import LFDMPipeline, sampler_config
 from lfdm.serving import encode_image
+from lfdm.tracking import CODE_DIRS as CODE
 from lfdm.video import count_frames
-from stages import SHARDED, STAGES
+from stages import SHARDED, STAGES, TRAINING
 
 from .conftest import BIN, make_project, service_env, stop, train_until_first_checkpoint
 
@@ -126,7 +127,10 @@ def assert_registered_champion(project: Path, tracking_uri: str, evaluate_run, e
 
 def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_path, mlflow_server):
     project = make_project(tmp_path / "project", {"tracking": {"experiment": "dvc-e2e"}})
-    env = service_env(tmp_path, MLFLOW_TRACKING_URI=mlflow_server)
+    # a system-metrics sample every half second, so that the tiny training stages log some
+    env = service_env(
+        tmp_path, MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5"
+    )
 
     first = run(["dvc", "repro"], project, env)
     assert sorted(stages_ran(first)) == sorted(STAGES)
@@ -148,6 +152,15 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
     for name, stage_run in by_name.items():  # each run names the outputs DVC recorded
         recorded = {f"dvc.md5.{out['path']}": out["md5"] for out in lock[name]["outs"]}
         assert recorded.items() <= stage_run.data.tags.items(), name
+        data_deps = {
+            d["path"]: d["md5"] for d in lock[name].get("deps", []) if not d["path"].startswith(CODE)
+        }
+        inputs = {
+            i.dataset.name: i.dataset.digest
+            for i in client.get_run(stage_run.info.run_id).inputs.dataset_inputs
+        }
+        assert inputs == data_deps, name  # what it read, by DVC's md5
+        assert ("system/cpu_utilization_percentage" in stage_run.data.metrics) == (name in TRAINING), name
     assert len(client.get_metric_history(by_name["train_lfae"].info.run_id, "loss/total")) == 4
     assert "l1/lfdm" in by_name["evaluate"].data.metrics
     assert by_name["train_dm"].data.params["train_dm.train_dm.steps"] == "4"
