@@ -58,15 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     p = load_params(ROOT / "params.yaml")
-    config = PipelineConfig(
-        image_size=p.data.image_size,
-        num_frames=p.data.num_frames,
-        text_dim=BERT_DIM,
-        lfae=p.lfae,
-        dm=p.dm,
-        text=p.text,
-        sampler=p.sample,
-    )
+    config = PipelineConfig.from_params(p, BERT_DIM)
     torch.manual_seed(0)
     pipe = LFDMPipeline.from_config(config, {"zoom in": torch.randn(BERT_DIM)})
     steps = args.steps or pipe.inference_steps(pipe.config.sampler)

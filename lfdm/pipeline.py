@@ -31,6 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from lfdm.config import (
     DMConfig,
     LFAEConfig,
+    Params,
     Precision,
     SamplerConfig,
     SamplerName,
@@ -69,6 +70,19 @@ class PipelineConfig(Section):
     dm: DMConfig
     text: TextConfig  # saved with checkpoint null (the packaged BERT) or "text_encoder" (a copy beside it)
     sampler: SamplerConfig = SamplerConfig()  # what a call without sampling arguments runs
+
+    @classmethod
+    def from_params(cls, p: Params, text_dim: int) -> PipelineConfig:
+        """The networks the pipeline of params ``p`` builds, for label embeddings of ``text_dim``."""
+        return cls(
+            image_size=p.data.image_size,
+            num_frames=p.data.num_frames,
+            text_dim=text_dim,
+            lfae=p.lfae,
+            dm=p.dm,
+            text=p.text,
+            sampler=p.sample,
+        )
 
     @field_validator("sampler", mode="before")
     @classmethod

@@ -30,15 +30,7 @@ MINILM_DIM = 384  # the packaged BERT's (text.checkpoint: null), which embeds pr
 def tiny_pipeline() -> LFDMPipeline:
     """Untrained networks of the shrunk e2e config, with one embedded label."""
     p = tiny_params()
-    config = PipelineConfig(
-        image_size=p.data.image_size,
-        num_frames=p.data.num_frames,
-        text_dim=MINILM_DIM,
-        lfae=p.lfae,
-        dm=p.dm,
-        text=p.text,
-        sampler=p.sample,
-    )
+    config = PipelineConfig.from_params(p, MINILM_DIM)
     pipe = LFDMPipeline.from_config(config, {"zoom in": torch.randn(MINILM_DIM)})
     torch.nn.init.normal_(pipe.diffusion.denoiser.final_conv.weight, std=0.1)  # untrained but not all-zero ε
     return pipe
