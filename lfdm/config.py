@@ -150,7 +150,9 @@ class LFAEConfig(Section):
 
 
 LRScheduleName = Literal["linear", "cosine", "multistep"]
-Precision = Literal["fp32", "bf16"]  # bf16: autocast on CUDA, or on a CPU with AMX or AVX512-BF16
+Precision = Literal[
+    "auto", "fp32", "bf16"
+]  # bf16: autocast on CUDA, or a CPU with AMX or AVX512-BF16; auto: bf16 there
 
 
 class EquivarianceConfig(Section):
@@ -436,7 +438,7 @@ class ParallelConfig(Section):
 class Params(Section):
     seed: Seed = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Precision = "fp32"
+    precision: Precision = "auto"
     paths: PathsConfig = PathsConfig()
     tracking: TrackingConfig = TrackingConfig()
     parallel: ParallelConfig = ParallelConfig()

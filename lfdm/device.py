@@ -49,13 +49,23 @@ def check_precision(device: torch.device, precision: str, key: str = "precision"
         )
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto`` → bf16 where ``device`` computes it natively (a CUDA GPU with bf16, a CPU with AMX or
+    AVX512-BF16), else fp32; fp32 and bf16 as they are."""
+    if precision != "auto":
+        return precision
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    return "bf16" if native else "fp32"
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str = "fp32") -> Iterator[None]:
-    """bf16 autocast when asked, on CUDA or a CPU with native bf16 (:func:`check_precision`); a no-op for
-    fp32. Region geometry, warps and Fréchet distances stay fp32 inside it (they turn autocast off)."""
-    if precision != "bf16":
+    """bf16 autocast when asked (or ``auto`` picks it, :func:`resolve_precision`), on CUDA or a CPU with
+    native bf16 (:func:`check_precision`); a no-op for fp32. Region geometry, warps and Fréchet distances
+    stay fp32 inside it (they turn autocast off)."""
+    if resolve_precision(device, precision) != "bf16":
         yield
         return
-    check_precision(device, precision)
+    check_precision(device, "bf16")
     with torch.autocast(device.type, dtype=torch.bfloat16):
         yield

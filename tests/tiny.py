@@ -13,6 +13,7 @@ from lfdm.config import Params, parse_params
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
+    "precision": "fp32",  # the same numbers on every host (auto would pick bf16 on some); test_precision covers bf16
     "data": {
         "image_size": 32,
         "num_frames": 4,

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from lfdm import device as lfdm_device
 from lfdm.config import DiffusionConfig, ParamsError, SamplerConfig, UNetConfig
-from lfdm.device import autocast, cpu_has_native_bf16
+from lfdm.device import autocast, cpu_has_native_bf16, resolve_precision
 from lfdm.diffusion import FlowDiffusion
 from lfdm.models.unet3d import Unet3D
 from lfdm.models.warp import identity_grid, warp
@@ -91,7 +91,8 @@ def train_and_sample(tmp_path: Path, device: torch.device, precision: str) -> No
             generator=torch.Generator(device).manual_seed(0),
         )
     hook.remove()
-    assert outputs == [torch.bfloat16 if precision == "bf16" else torch.float32] * 2  # the U-Net ran in it
+    ran = torch.bfloat16 if resolve_precision(device, precision) == "bf16" else torch.float32
+    assert outputs == [ran] * 2  # the U-Net ran in it
     assert flows.device.type == device.type and flows.shape == (4, 3, K, SIDE, SIDE)
     assert torch.isfinite(flows).all()
 
@@ -115,6 +116,17 @@ def test_bf16_is_refused_on_a_cpu_that_would_emulate_it(monkeypatch) -> None:
         pass
     with autocast(torch.device("cpu"), "fp32"):  # fp32 runs anywhere
         pass
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_it(
+    tmp_path: Path, monkeypatch, native: bool
+) -> None:
+    monkeypatch.setattr(lfdm_device, "cpu_has_native_bf16", lambda: native)
+    assert resolve_precision(torch.device("cpu"), "auto") == ("bf16" if native else "fp32")
+    assert resolve_precision(torch.device("cpu"), "fp32") == "fp32"  # explicit choices stay
+    if native == cpu_has_native_bf16():  # this CPU can run what auto picks: train and sample under it
+        train_and_sample(tmp_path, torch.device("cpu"), "auto")
 
 
 def test_the_warp_grid_stays_fp32_under_bf16_autocast() -> None:
