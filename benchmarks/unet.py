@@ -7,13 +7,16 @@ guidance as two passes), at the paper's shape and at the default shape.
     python benchmarks/unet.py --precisions fp32 bf16           # fp32 beside bf16 autocast (CUDA, or AMX / AVX512-BF16)
     python benchmarks/unet.py --device cuda --precisions fp32 bf16   # on a GPU
     python benchmarks/unet.py --shapes paper --batches 10 --no-train   # batch 10 without ~27 GB of activations
+    python benchmarks/unet.py --operators --shapes paper --batches 1   # where the forward's time goes, per operator
 
 Each row runs in its own process, so its peak memory is its own (CUDA: max allocated; CPU: the process's
 peak RSS, which includes ≈ 0.4 GB of torch itself). Per row: parameters, forward seconds (median of the
 timed steps after a warm-up), GFLOP per forward (torch's FLOP counter), achieved GFLOP/s, a training
 step (forward + backward), a guided sampling step (g ≠ 1: ours one batched pass over 2B rows, the
 reference two passes), and seconds per video for DDPM-1000 and DDIM-10 at g = 1 (the paper's: one
-pass per step). The header gives the dense matmul rate the GFLOP/s compare with. A benchmark, not a test.
+pass per step). The header gives the dense matmul rate the GFLOP/s compare with. ``--operators`` profiles
+the forward of the first design, shape, batch and precision instead: per operator kind, its share of the
+time, its FLOPs (torch's counter) and the rate it runs at. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lfdm.config import Params, UNetConfig
 from lfdm.device import check_precision, resolve_device
@@ -39,6 +43,13 @@ from lfdm.models.unet3d import Unet3D
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_unet import ReferenceUnet3D  # a benchmark-only module beside this script
 
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's FLOP counter has no formula for SDPA's CPU flash kernel (it counted attention as 0): the generic one
+SDPA_CPU_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 TEXT_DIM = 384  # the default BERT (all-MiniLM-L6-v2); the paper's bert-base is 768
 DESIGNS = {"ours": Unet3D, "reference": ReferenceUnet3D}
 
@@ -129,7 +140,7 @@ def bench(
 
     model.eval()
     with torch.inference_mode(), autocast:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS) as counter:
             model(x, t, z0, text)
         forward = timed(lambda: model(x, t, z0, text), steps, device)
         guided_s = timed(guided, steps, device)
@@ -147,6 +158,78 @@ def bench(
         "ddim10_s": 10 * forward / batch,
         "peak_gb": peak_memory_gb(device),
     }
+
+
+# FLOP-counted operators by kind: the profiler's kernel names (self time) and the FLOP counter's op names
+OPERATOR_KINDS = {
+    "convolution": (("conv",), ("convolution",)),
+    "linear (mm, addmm)": (("aten::mm", "aten::addmm"), ("mm", "addmm")),
+    "batched matmul (bmm)": (("aten::bmm", "aten::baddbmm"), ("bmm", "baddbmm")),
+    "attention (SDPA kernel)": (("scaled_dot_product",), ("scaled_dot_product",)),
+}
+
+
+def operator_kind(name: str, table: int) -> str | None:
+    for kind, names in OPERATOR_KINDS.items():
+        if any(n == name or (not n.startswith("aten::") and n in name) for n in names[table]):
+            return kind
+    return None
+
+
+def operator_profile(
+    design: str, shape: str, batch: int, steps: int, device: torch.device, dtype: torch.dtype, rate: float
+) -> None:
+    """Per operator kind of one forward: milliseconds (self time, median over ``steps`` profiled
+    forwards' mean), share of the forward, GFLOP and GFLOP/s against the dense matmul ``rate``; the
+    operators without FLOPs (normalisation, activations, copies) by name after them."""
+    spec = shapes(Params())[shape]
+    frames, size, cond = spec["frames"], spec["size"], spec["cond"]
+    model = DESIGNS[design](spec["unet"], cond_channels=cond, text_dim=TEXT_DIM, latent_size=size).to(device)
+    model.eval()
+    args = (
+        torch.randn(batch, 3, frames, size, size, device=device),
+        torch.randint(0, 1000, (batch,), device=device),
+        torch.randn(batch, cond, size, size, device=device),
+        torch.randn(batch, TEXT_DIM, device=device),
+    )
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with torch.inference_mode(), autocast:
+        with FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS) as counter:
+            model(*args)
+        model(*args)  # warm-up
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                model(*args)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+    flops: dict[str, float] = {}
+    for op, n in counter.get_flop_counts()["Global"].items():
+        kind = operator_kind(str(op).removeprefix("aten."), 1) or "other"
+        flops[kind] = flops.get(kind, 0.0) + n
+    seconds: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for event in prof.key_averages():
+        kind = operator_kind(event.key, 0) or event.key
+        seconds[kind] = seconds.get(kind, 0.0) + getattr(event, attr) / 1e6 / steps
+        calls[kind] = calls.get(kind, 0) + event.count // steps
+    total = sum(seconds.values())
+    print(
+        f"forward of {design} at the {shape} shape, batch {batch}, {dtype}: {total:.3f} s "
+        f"(profiled, mean of {steps}), {sum(flops.values()) / 1e9:.1f} GFLOP; dense matmul {rate:.0f} GFLOP/s"
+    )
+    print("| operator | calls | ms | share of forward | GFLOP | GFLOP/s | of the matmul rate |")
+    print("|---|---|---|---|---|---|---|")
+    rest = sorted((k for k in seconds if k not in OPERATOR_KINDS), key=seconds.__getitem__, reverse=True)
+    for kind in [*OPERATOR_KINDS, *rest[:8]]:
+        s, f = seconds.get(kind, 0.0), flops.get(kind, 0.0) / 1e9
+        rate_cells = f"{f:.1f} | {f / s:.0f} | {f / s / rate:.0%}" if f and s else "– | – | –"
+        print(f"| {kind} | {calls.get(kind, 0)} | {1e3 * s:.1f} | {s / total:.1%} | {rate_cells} |")
+    other = sum(seconds[k] for k in rest[8:])
+    print(
+        f"| everything else ({len(rest) - 8} operators) | | {1e3 * other:.1f} | {other / total:.1%} | – | – | – |"
+    )
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
@@ -176,6 +259,9 @@ def main() -> None:
         action="store_true",
         help="skip the training step (paper shape, batch 10: ≈ 27 GB of activations in fp32)",
     )
+    parser.add_argument(
+        "--operators", action="store_true", help="profile one forward per operator kind (first of each list)"
+    )
     parser.add_argument("--row", nargs=3, metavar=("DESIGN", "SHAPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -188,6 +274,13 @@ def main() -> None:
         print(
             json.dumps(bench(design, shape, int(batch), args.steps, device, dtype, train=not args.no_train))
         )
+        return
+
+    if args.operators:
+        shape, precision = args.shapes[0], args.precisions[0]
+        batch = (args.batches or shapes(Params())[shape]["batches"])[0]
+        rate = matmul_gflops(device, dtypes[precision])
+        operator_profile(args.designs[0], shape, batch, args.steps, device, dtypes[precision], rate)
         return
 
     rates = ", ".join(f"{p} {matmul_gflops(device, dtypes[p]):.0f}" for p in args.precisions)
