@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.futures import PrefectFuture
 
 from flows import dvc_state
@@ -38,6 +40,25 @@ from stages import SHARDED, STAGES, execute
 
 LOCK = ".dvc/tmp/lfdm-flow.lock"  # under the working tree's .dvc/tmp, beside DVC's own lock
 ARTIFACT = "lfdm-evaluation"
+
+
+class _ToRunLogger(logging.Handler):
+    """lfdm's log records (training progress, each stage's result) into the Prefect run they happen in: its
+    log in the UI and the worker's console. Records from outside a run (a Dask shard) stay on their console."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            logger = get_run_logger()
+        except MissingContextError:
+            return
+        logger.log(record.levelno, record.getMessage())
+
+
+_lfdm_logger = logging.getLogger("lfdm")
+_lfdm_logger.setLevel(logging.INFO)
+_lfdm_logger.propagate = False  # Prefect's root console handler would print each line twice
+if not any(isinstance(h, _ToRunLogger) for h in _lfdm_logger.handlers):
+    _lfdm_logger.addHandler(_ToRunLogger())
 
 
 class WorkingTreeBusy(UserError):

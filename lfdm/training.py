@@ -3,6 +3,7 @@ and the state that makes an interrupted run resume exactly where it stopped."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -22,6 +23,8 @@ from lfdm.checkpoint import load_checkpoint, save_checkpoint
 from lfdm.config import LRScheduleName
 from lfdm.device import autocast
 from lfdm.errors import UserError
+
+log = logging.getLogger(__name__)  # progress lines for an orchestrator's log (the Prefect flow shows them)
 
 
 class TrainingDiverged(UserError, FloatingPointError):
@@ -320,8 +323,12 @@ def fit(
                 logged = {f"loss/{k}": v for k, v in distributed.mean(losses).items()}
                 state.log(logged | {"lr": float(state.schedule.get_last_lr()[0])})
                 bar.set_postfix(loss=f"{logged[f'loss/{objective}']:.4f}")
-            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
-                state.save()
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                if distributed.is_main() and state.history:
+                    latest = ", ".join(f"{k} {v:.4g}" for k, v in state.history[-1].items() if k != "step")
+                    log.info("%s: step %d/%d (%s)", name, state.step, cfg.steps, latest)
+                if state.step < cfg.steps:
+                    state.save()
     state.check_finite()
 
 

@@ -8,14 +8,18 @@ import contextlib
 import functools
 import importlib
 import json
+import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from lfdm import distributed
 from lfdm.config import Params
 from lfdm.shards import MapShards
+
+log = logging.getLogger("lfdm.stages")  # one line per finished stage for an orchestrator's log
 
 # the stage's MLflow run, opened by the process that launched torchrun, for rank 0 to log into
 RUN_ENV = "LFDM_MLFLOW_RUN_ID"
@@ -63,6 +67,7 @@ def execute(name: str, params: Params, map_shards: MapShards | None = None) -> d
     run = stage_function(name)
     if map_shards is not None and name in SHARDED:
         run = functools.partial(run, shards=params.parallel.shards, map_shards=map_shards)
+    start = time.perf_counter()
     with _tracked(name, params) as run_id:
         metrics = run(params)
         if distributed.is_main():
@@ -73,6 +78,8 @@ def execute(name: str, params: Params, map_shards: MapShards | None = None) -> d
 
             tracking.log_results(metrics, _headline(name, metrics))
             tracking.log_lineage(name)  # every output written, the metrics file included
+    summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    log.info("%s: done in %.1f s (%s)", name, time.perf_counter() - start, summary)
     return metrics
 
 

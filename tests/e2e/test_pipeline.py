@@ -277,6 +277,9 @@ def test_prefect_deployment_runs_the_pipeline(tmp_path, prefect_server, mlflow_s
     served = log.read_text()
     for stage in SHARDED:
         assert f"{stage}-shards" in served, served[-3000:]  # the stage's shards ran as a Dask sub-flow
+    # stage logs reach the runs' logs: training progress at each checkpoint and each stage's result
+    assert re.search(r"train_dm: step 4/4 \(loss/diffusion [\d.e+-]+, lr", served), served[-3000:]
+    assert re.search(r"evaluate: done in [\d.]+ s \(.*fvd/lfdm", served), served[-3000:]
     for stage in ("train_dm", "sample", "evaluate"):  # the second run found them up to date
         assert served.count(f"{stage}: up to date (dvc status), skipped") == 1, served[-3000:]
     assert yaml.safe_load((project / "params.yaml").read_text())["sample"]["seed"] == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from itertools import pairwise
 from types import SimpleNamespace
@@ -114,6 +115,14 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, capsys):
     ends = [state.batches.state_dict() for state in (whole_state, resumed_state)]
     assert [(end["epoch"], end["taken"]) for end in ends] == [(6, 2)] * 2
     assert torch.equal(ends[0]["generator"], ends[1]["generator"])
+
+
+def test_training_logs_its_progress_at_each_checkpoint_and_the_end(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="lfdm"):
+        _, state = _train(tmp_path / "state.pt", steps=7)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lfdm.training"]
+    assert [line.split(" (")[0] for line in lines] == ["tiny: step 3/7", "tiny: step 6/7", "tiny: step 7/7"]
+    assert lines[-1].endswith(f"(loss/total {state.history[-1]['loss/total']:.4g}, lr 0)")
 
 
 def test_a_run_resumed_without_its_generators_differs(tmp_path):
