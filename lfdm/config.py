@@ -133,8 +133,6 @@ class LFAEConfig(Section):
     corr_channels: int = Field(default=32, ge=2)  # correlation: feature channels compared
     # correlation: the largest displacement compared, in latent pixels
     corr_radius: int = Field(default=4, ge=1)
-    # correlation: passes; each after the first compares again in a window centred on the motion found so far
-    corr_passes: int = Field(default=1, ge=1)
 
     @field_validator("bg_scale")
     @classmethod

@@ -362,14 +362,11 @@ class CorrelationFlow(nn.Module):
     similarities (with a learnt temperature) averages the displacements — a soft arg-max, so motions come out
     sub-pixel — and a small convolutional head refines that from the similarities, the motion and the
     driving features. Matching is what makes motion learnable in minutes: F need not regress it from pooled
-    features (docs/model.md). With ``passes`` > 1 each further pass compares again in a window centred on the
-    motion found so far (source features sampled there, as RAFT iterates): a soft arg-max leans towards its
-    window's centre where matches are ambiguous, so a large motion is underestimated less when the window
-    moves with it."""
+    features (docs/model.md)."""
 
     shifts: Tensor
 
-    def __init__(self, *, channels: int, radius: int, passes: int = 1):
+    def __init__(self, *, channels: int, radius: int):
         super().__init__()
         self.radius = radius
         self.encoder = nn.Sequential(
@@ -382,23 +379,15 @@ class CorrelationFlow(nn.Module):
         offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
         dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
         self.register_buffer("shifts", torch.stack((dx, dy), dim=-1).reshape(-1, 2), persistent=False)
-        self.refine = self._refine_head(len(self.shifts) + 2 + channels)
-        self.refine_recentred = nn.ModuleList(
-            self._refine_head(len(self.shifts) + 2 + channels) for _ in range(passes - 1)
-        )
-
-    @staticmethod
-    def _refine_head(in_channels: int) -> nn.Sequential:
-        head = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 3, padding=1),
+        self.refine = nn.Sequential(
+            nn.Conv2d(len(self.shifts) + 2 + channels, 64, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(64, 64, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(64, 2, 3, padding=1),
         )
-        for param in head[-1].parameters():  # weight and bias: starts as the plain soft arg-max
+        for param in self.refine[-1].parameters():  # weight and bias: starts as the plain soft arg-max
             nn.init.zeros_(param)
-        return head
 
     def forward(self, source: Tensor, driving: Tensor) -> Tensor:
         b = len(source)
@@ -409,39 +398,13 @@ class CorrelationFlow(nn.Module):
         similarity = torch.bmm(drv.flatten(2).transpose(1, 2), src.flatten(2))  # (B, hw driving, hw source)
         window, inside = self._window(h, w, similarity.device)
         cost = similarity.gather(2, window.expand(b, -1, -1)).masked_fill(~inside, -1e4)  # (B, hw, shifts)
-        pixels = torch.zeros(b, 2, h, w, device=src.device)
-        for i, refine in enumerate((self.refine, *self.refine_recentred)):
-            if i:
-                cost = self._cost_around(src, drv, pixels)
-            with _fp32(cost):
-                weights = F.softmax(cost.float() / self.log_temperature.exp(), dim=-1)
-                pixels = pixels + (weights @ self.shifts).transpose(1, 2).unflatten(
-                    -1, (h, w)
-                )  # (B, 2, h, w)
-            cost = cost.clamp_min(-1).transpose(1, 2).unflatten(-1, (h, w))
-            pixels = pixels + refine(torch.cat((cost, pixels.to(cost.dtype), drv), dim=1)).float()
+        with _fp32(cost):
+            weights = F.softmax(cost.float() / self.log_temperature.exp(), dim=-1)
+            pixels = (weights @ self.shifts).transpose(1, 2).unflatten(-1, (h, w))  # (B, 2, h, w)
+        cost = cost.clamp_min(-1).transpose(1, 2).unflatten(-1, (h, w))
+        pixels = pixels + self.refine(torch.cat((cost, pixels.to(cost.dtype), drv), dim=1)).float()
         scale = pixels.new_tensor([2 / (w - 1), 2 / (h - 1)])
         return identity_grid(h, w, device=pixels.device) + pixels.permute(0, 2, 3, 1) * scale
-
-    def _cost_around(self, src: Tensor, drv: Tensor, pixels: Tensor) -> Tensor:
-        """Similarities ``(B, hw, shifts)`` of each driving pixel with the source features at its position
-        moved by ``pixels (B, 2, h, w)`` (latent px) and each shift; -1e4 outside the frame."""
-        b, c, h, w = src.shape
-        with _fp32(pixels):
-            base = torch.stack(
-                torch.meshgrid(
-                    torch.arange(w, device=src.device), torch.arange(h, device=src.device), indexing="xy"
-                ),
-                dim=-1,
-            ).float()  # (h, w, 2) as (x, y)
-            target = (base + pixels.permute(0, 2, 3, 1)).flatten(1, 2)[
-                :, :, None
-            ] + self.shifts  # (B, hw, S, 2)
-            size = target.new_tensor([w - 1, h - 1])
-            inside = ((target >= 0) & (target <= size)).all(-1)
-            sampled = F.grid_sample(src.float(), target * 2 / size - 1, align_corners=True)  # (B, C, hw, S)
-        cost = torch.einsum("bcn,bcns->bns", drv.flatten(2).to(sampled.dtype), sampled)
-        return cost.masked_fill(~inside, -1e4)
 
     def _window(self, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """For each pixel and shift: the index of the source pixel it compares with (clamped) ``(hw, S)``,
@@ -629,9 +592,7 @@ class FlowPredictor(nn.Module):
         self.use_background = cfg.use_background
         correlation = cfg.motion_estimator == "correlation"
         self.correlation = (
-            CorrelationFlow(channels=cfg.corr_channels, radius=cfg.corr_radius, passes=cfg.corr_passes)
-            if correlation
-            else None
+            CorrelationFlow(channels=cfg.corr_channels, radius=cfg.corr_radius) if correlation else None
         )
         self.background_predictor = (
             BackgroundPredictor(

@@ -240,30 +240,6 @@ def test_correlation_finds_a_shift_between_feature_maps():
     torch.testing.assert_close(grid[0, :, :-1], expected[:, :-1], atol=1e-3, rtol=0)  # the last column wraps
 
 
-def test_a_second_pass_compares_in_a_window_centred_on_the_first_motion():
-    """The recentred cost at a motion of (2, 1) latent px equals a wider first window's at each shift plus that
-    motion; on a one-pixel shift the second pass keeps what the first found."""
-    torch.manual_seed(0)
-    wide, two = CorrelationFlow(channels=8, radius=4), CorrelationFlow(channels=8, radius=2, passes=2)
-    features = torch.nn.functional.normalize(torch.randn(2, 8, 12, 12), dim=1)
-    source, driving = features[:1], features[1:]
-    similarity = torch.bmm(driving.flatten(2).transpose(1, 2), source.flatten(2))
-    window, inside = wide._window(12, 12, torch.device("cpu"))
-    wide_cost = similarity.gather(2, window).masked_fill(~inside, -1e4)[0]  # (hw, 81)
-    motion = torch.tensor([2.0, 1.0])
-    recentred = two._cost_around(source, driving, motion[:, None, None].expand(1, 2, 12, 12))[0]  # (hw, 25)
-    at = [int(((wide.shifts == s + motion).all(-1)).nonzero()) for s in two.shifts]
-    torch.testing.assert_close(recentred, wide_cost[:, at])
-
-    two.encoder = torch.nn.Identity()  # the features given, as in the test above
-    with torch.no_grad():
-        two.log_temperature.fill_(-5.0)
-    source = torch.randn(1, 8, 8, 8)
-    driving = torch.roll(source, shifts=-1, dims=-1)  # driving(x) = source(x + 1)
-    expected = identity_grid(8, 8) + torch.tensor([2 / 7, 0.0])  # the second pass finds nothing more to add
-    torch.testing.assert_close(two(source, driving)[0, :, :-1], expected[:, :-1], atol=1e-3, rtol=0)
-
-
 def test_affine_fits_recover_affine_motion_and_ignore_a_minority():
     theta = torch.tensor([[[[0.95, -0.1, 0.05], [0.12, 1.05, -0.1]]]])
     field = affine_motions(theta, 12, 12)[:, 0]
