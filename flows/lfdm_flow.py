@@ -44,7 +44,7 @@ ARTIFACT = "lfdm-evaluation"
 
 class _ToRunLogger(logging.Handler):
     """lfdm's log records (training progress, each stage's result) into the Prefect run they happen in: its
-    log in the UI and the worker's console. Records from outside a run (a Dask shard) stay on their console."""
+    log in the UI and the worker's console. Records from outside a run (a Dask shard) are dropped."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -54,11 +54,21 @@ class _ToRunLogger(logging.Handler):
         logger.log(record.levelno, record.getMessage())
 
 
-_lfdm_logger = logging.getLogger("lfdm")
-_lfdm_logger.setLevel(logging.INFO)
-_lfdm_logger.propagate = False  # Prefect's root console handler would print each line twice
-if not any(isinstance(h, _ToRunLogger) for h in _lfdm_logger.handlers):
-    _lfdm_logger.addHandler(_ToRunLogger())
+@contextmanager
+def stage_logs_to_prefect() -> Iterator[None]:
+    """The ``lfdm`` logger at INFO into :class:`_ToRunLogger` for the block, not also to the root's handlers
+    (Prefect's console would print each line twice); as it was afterwards."""
+    logger, handler = logging.getLogger("lfdm"), _ToRunLogger()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 class WorkingTreeBusy(UserError):
@@ -131,7 +141,7 @@ def lfdm(
     """Run the whole pipeline: ``force`` re-runs stages that DVC considers up to date; ``set_params``
     (``{"train_dm.lr": 1e-4}``) changes params.yaml first."""
     os.chdir(project_dir)
-    with working_tree_lock(Path.cwd()):
+    with working_tree_lock(Path.cwd()), stage_logs_to_prefect():
         if set_params:
             print(f"{params_path}: set {', '.join(apply_dotted(set_params, params_path)) or 'nothing new'}")
         return _run_pipeline(params_path, force)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.lfdm_flow import LOCK, WorkingTreeBusy, lfdm, working_tree_lock
+from flows.lfdm_flow import LOCK, WorkingTreeBusy, lfdm, stage_logs_to_prefect, working_tree_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,3 +47,15 @@ def test_a_second_run_in_a_locked_working_tree_does_nothing(tmp_path, monkeypatc
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert (tmp_path / LOCK).is_file()
+
+
+def test_stage_logs_go_to_the_run_only_while_the_flow_runs(caplog):
+    """Inside the flow the ``lfdm`` logger feeds Prefect's run logger alone; outside it logs as it did (a
+    caplog test after an imported flow still sees lfdm's records)."""
+    logger = logging.getLogger("lfdm.training")
+    with stage_logs_to_prefect():
+        assert not logging.getLogger("lfdm").propagate
+        logger.info("inside")  # no run here: the handler drops it, and it does not reach the root
+    with caplog.at_level(logging.INFO, logger="lfdm"):
+        logger.info("outside")
+    assert [r.getMessage() for r in caplog.records if r.name == "lfdm.training"] == ["outside"]
