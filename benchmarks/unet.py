@@ -101,6 +101,22 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def model_and_inputs(
+    design: str, shape: str, batch: int, device: torch.device
+) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """The design's U-Net at ``shape`` and random inputs for it: noisy flows, timesteps, z0, text."""
+    spec = shapes(Params())[shape]
+    frames, size, cond = spec["frames"], spec["size"], spec["cond"]
+    model = DESIGNS[design](spec["unet"], cond_channels=cond, text_dim=TEXT_DIM, latent_size=size).to(device)
+    inputs = (
+        torch.randn(batch, 3, frames, size, size, device=device),
+        torch.randint(0, 1000, (batch,), device=device),
+        torch.randn(batch, cond, size, size, device=device),
+        torch.randn(batch, TEXT_DIM, device=device),
+    )
+    return model, inputs
+
+
 def bench(
     design: str,
     shape: str,
@@ -110,13 +126,7 @@ def bench(
     dtype: torch.dtype,
     train: bool = True,
 ) -> dict:
-    spec = shapes(Params())[shape]
-    frames, size, cond = spec["frames"], spec["size"], spec["cond"]
-    model = DESIGNS[design](spec["unet"], cond_channels=cond, text_dim=TEXT_DIM, latent_size=size).to(device)
-    x = torch.randn(batch, 3, frames, size, size, device=device)
-    z0 = torch.randn(batch, cond, size, size, device=device)
-    text = torch.randn(batch, TEXT_DIM, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device)
+    model, (x, t, z0, text) = model_and_inputs(design, shape, batch, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def guided() -> None:  # one sampling step with g != 1: conditional and null predictions
@@ -182,16 +192,8 @@ def operator_profile(
     """Per operator kind of one forward: milliseconds (self time, median over ``steps`` profiled
     forwards' mean), share of the forward, GFLOP and GFLOP/s against the dense matmul ``rate``; the
     operators without FLOPs (normalisation, activations, copies) by name after them."""
-    spec = shapes(Params())[shape]
-    frames, size, cond = spec["frames"], spec["size"], spec["cond"]
-    model = DESIGNS[design](spec["unet"], cond_channels=cond, text_dim=TEXT_DIM, latent_size=size).to(device)
+    model, args = model_and_inputs(design, shape, batch, device)
     model.eval()
-    args = (
-        torch.randn(batch, 3, frames, size, size, device=device),
-        torch.randint(0, 1000, (batch,), device=device),
-        torch.randn(batch, cond, size, size, device=device),
-        torch.randn(batch, TEXT_DIM, device=device),
-    )
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     with torch.inference_mode(), autocast:
         with FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS) as counter:

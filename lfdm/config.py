@@ -150,9 +150,8 @@ class LFAEConfig(Section):
 
 
 LRScheduleName = Literal["linear", "cosine", "multistep"]
-Precision = Literal[
-    "auto", "fp32", "bf16"
-]  # bf16: autocast on CUDA, or a CPU with AMX or AVX512-BF16; auto: bf16 there
+# bf16: autocast on CUDA, or a CPU with AMX or AVX512-BF16; auto: bf16 there, else fp32
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 class EquivarianceConfig(Section):
