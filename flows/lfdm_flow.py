@@ -6,7 +6,7 @@ are unchanged is skipped (``dvc status``), and a stage that ran is recorded in d
 so ``dvc repro`` after a Prefect run has nothing to do. Independent stages (``embed_labels`` beside
 ``train_lfae`` → ``extract_flow``, ``evaluate_references`` beside ``train_dm`` → ``sample``) run concurrently,
 as threads of this process. With ``parallel.dask`` the clip-by-clip stages run
-their shards on a Dask cluster (:mod:`flows.dask_shards`).
+their shards on a Dask cluster (:mod:`flows.dask_shards`, whose prefect-dask is the ``dask`` extra).
 
 One run at a time per working tree: a second run (from another deployment, worker or server) finds the
 tree locked and ends at once, doing nothing. ``set_params`` (dotted keys, as ``dvc exp run -S`` takes them)
@@ -33,7 +33,6 @@ from prefect.exceptions import MissingContextError
 from prefect.futures import PrefectFuture
 
 from flows import dvc_state
-from flows.dask_shards import dask_map_shards
 from lfdm.config import Params, apply_dotted, load_params
 from lfdm.errors import UserError
 from stages import SHARDED, STAGES, execute
@@ -108,7 +107,11 @@ def run_stage(name: str, params_path: str, force: bool) -> dict[str, float]:
     if not force and metrics_file.is_file() and dvc_state.is_up_to_date(name):
         print(f"{name}: up to date (dvc status), skipped")
         return json.loads(metrics_file.read_text())
-    map_shards = dask_map_shards(params.parallel, name) if params.parallel.dask and name in SHARDED else None
+    map_shards = (
+        dask_shards().dask_map_shards(params.parallel, name)
+        if params.parallel.dask and name in SHARDED
+        else None
+    )
     try:
         metrics = execute(name, params, map_shards)
     except Exception as err:
@@ -117,6 +120,18 @@ def run_stage(name: str, params_path: str, force: bool) -> dict[str, float]:
     if name == "evaluate":
         _publish_evaluation(params)
     return metrics
+
+
+def dask_shards():
+    """:mod:`flows.dask_shards`, or an error naming the extra that brings its prefect-dask."""
+    try:
+        from flows import dask_shards
+    except ModuleNotFoundError as err:
+        raise UserError(
+            f"parallel.dask: true needs prefect-dask ({err}): install the dask extra, "
+            "pip install -e '.[dask]', or set parallel.dask: false"
+        ) from err
+    return dask_shards
 
 
 def _publish_evaluation(params: Params) -> None:
@@ -149,6 +164,8 @@ def lfdm(
 
 def _run_pipeline(params_path: str, force: bool) -> dict[str, dict[str, float]]:
     params = load_params(params_path)
+    if params.parallel.dask:
+        dask_shards()  # before any stage runs
     graph = dvc_state.stage_graph()
     unknown = set(graph.nodes) - set(STAGES)
     if unknown:

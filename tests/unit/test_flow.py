@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from tiny import tiny_tree
 
 from flows.lfdm_flow import LOCK, WorkingTreeBusy, lfdm, stage_logs_to_prefect, working_tree_lock
+from lfdm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,3 +62,13 @@ def test_stage_logs_go_to_the_run_only_while_the_flow_runs(caplog):
     with caplog.at_level(logging.INFO, logger="lfdm"):
         logger.info("outside")
     assert [r.getMessage() for r in caplog.records if r.name == "lfdm.training"] == ["outside"]
+
+
+def test_dask_without_its_extra_stops_before_any_stage_naming_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_tree({"parallel": {"dask": True}})))
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # as if the extra were not installed
+    monkeypatch.delitem(sys.modules, "flows.dask_shards", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"parallel\.dask: true needs prefect-dask .*'\.\[dask\]'"):
+        lfdm.fn(project_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dvc", "params.yaml"]  # no stage wrote anything
