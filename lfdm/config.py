@@ -257,6 +257,9 @@ class UNetConfig(Section):
     # add each frame's index to its FiLM conditioning (not in the paper: there only the relative temporal
     # attention bias tells frames apart, and frame 0, whose flow is the identity, is hard to find)
     frame_embedding: bool = True
+    # GroupNorm statistics: per frame (frames meet only in temporal attention) or over the whole clip, as the
+    # official 3D U-Net's GroupNorm on the 5-D tensor (docs/model.md, departures)
+    norm: Literal["frame", "clip"] = "frame"
 
     @field_validator("dim_mults")
     @classmethod

@@ -1,10 +1,11 @@
 """Conditional 3D U-Net ε_θ(s_t, t, z0, e) of stage two (paper Sec. 3.2.2 and 4.2; VDM, lucidrains).
 
-Every convolution has a (1, k, k) kernel and every normalisation is per frame, so frames meet only in
-the temporal attention layers. The network therefore keeps frames folded into the batch,
-``(B·K, C, H, W)``, and runs 2D convolutions (a Conv3d with a (1, k, k) kernel computes exactly this);
-it unfolds frames only inside temporal attention. With ``temporal_attn`` off it is an image model
-applied to each frame independently.
+Every convolution has a (1, k, k) kernel and every normalisation is per frame (or, with ``norm: clip``,
+over the clip), so frames meet only in the temporal attention layers (and those norms). The network
+therefore keeps frames folded into the batch, ``(B·K, C, H, W)``, and runs 2D convolutions (a Conv3d with a
+(1, k, k) kernel computes exactly this); it unfolds frames only inside temporal attention and a clip's
+norm. With ``temporal_attn`` off and per-frame norms it is an image model applied to each frame
+independently.
 
 Conditioning: the first frame's latent z0 is concatenated with the noisy input on channels; the
 timestep embedding is concatenated with the text embedding e (or the null embedding ∅ on rows where
@@ -122,21 +123,43 @@ class TemporalAttention(Attention):
         return rearrange(tokens, "(b h w) k c -> (b k) c h w", h=h, w=w)
 
 
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm of ``x (B·K, C, H, W)``: each frame on its own, or with ``clip`` each clip's K frames
+    together (the official 3D U-Net's GroupNorm on ``(B, C, K, H, W)``)."""
+
+    def __init__(self, groups: int, channels: int, *, clip: bool) -> None:
+        super().__init__(groups, channels)
+        self.clip = clip
+
+    def forward(self, x: Tensor, frames: int) -> Tensor:  # pyright: ignore[reportIncompatibleMethodOverride]
+        if not self.clip:
+            return super().forward(x)
+        clips = rearrange(x, "(b k) c h w -> b c k h w", k=frames)
+        return rearrange(super().forward(clips), "b c k h w -> (b k) c h w")
+
+
 class ResnetBlock(nn.Module):
     """[conv 3×3 → GroupNorm → SiLU] × 2 with a residual; FiLM ``x·(scale+1)+shift`` from the condition
-    vector after the first norm. ``x (N, C_in, H, W)``, ``cond (N, cond_dim)`` → ``(N, C_out, H, W)``."""
+    vector after the first norm. ``x (N, C_in, H, W)`` with N = B·K, ``cond (N, cond_dim)`` →
+    ``(N, C_out, H, W)``; ``clip_norm``: :class:`GroupNorm` over each clip."""
 
-    def __init__(self, dim_in: int, dim_out: int, *, cond_dim: int, groups: int) -> None:
+    def __init__(self, dim_in: int, dim_out: int, *, cond_dim: int, groups: int, clip_norm: bool) -> None:
         super().__init__()
         self.film = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim_out))
-        self.conv1, self.norm1 = nn.Conv2d(dim_in, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out)
-        self.conv2, self.norm2 = nn.Conv2d(dim_out, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out)
+        self.conv1, self.norm1 = (
+            nn.Conv2d(dim_in, dim_out, 3, padding=1),
+            GroupNorm(groups, dim_out, clip=clip_norm),
+        )
+        self.conv2, self.norm2 = (
+            nn.Conv2d(dim_out, dim_out, 3, padding=1),
+            GroupNorm(groups, dim_out, clip=clip_norm),
+        )
         self.skip = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, frames: int) -> Tensor:
         scale, shift = rearrange(self.film(cond), "n (two c) -> two n c 1 1", two=2)
-        h = F.silu(self.norm1(self.conv1(x)) * (scale + 1) + shift)
-        h = F.silu(self.norm2(self.conv2(h)))
+        h = F.silu(self.norm1(self.conv1(x), frames) * (scale + 1) + shift)
+        h = F.silu(self.norm2(self.conv2(h), frames))
         return h + self.skip(x)
 
 
@@ -150,6 +173,7 @@ class Level(nn.Module):
         *,
         cond_dim: int,
         groups: int,
+        clip_norm: bool,
         spatial: bool,
         temporal: bool,
         heads: int,
@@ -158,16 +182,16 @@ class Level(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(
             [
-                ResnetBlock(dim_in, dim, cond_dim=cond_dim, groups=groups),
-                ResnetBlock(dim, dim, cond_dim=cond_dim, groups=groups),
+                ResnetBlock(dim_in, dim, cond_dim=cond_dim, groups=groups, clip_norm=clip_norm),
+                ResnetBlock(dim, dim, cond_dim=cond_dim, groups=groups, clip_norm=clip_norm),
             ]
         )
         self.spatial = SpatialAttention(dim, heads=heads, dim_head=dim_head) if spatial else None
         self.temporal = TemporalAttention(dim, heads=heads, dim_head=dim_head) if temporal else None
 
-    def forward(self, x: Tensor, cond: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, bias: Tensor | None, frames: int) -> Tensor:
         for block in self.blocks:
-            x = block(x, cond)
+            x = block(x, cond, frames)
         if self.spatial is not None:
             x = self.spatial(x)
         if self.temporal is not None:
@@ -219,7 +243,8 @@ class Unet3D(nn.Module):
         self.init_conv = nn.Conv2d(channels + cond_channels, dim, 7, padding=3)
         self.init_temporal = TemporalAttention(dim, **attn) if temporal else None
 
-        level = partial(Level, cond_dim=cond_dim, groups=cfg.resnet_groups, temporal=temporal, **attn)
+        block = {"cond_dim": cond_dim, "groups": cfg.resnet_groups, "clip_norm": cfg.norm == "clip"}
+        level = partial(Level, **block, temporal=temporal, **attn)
         spatial = [(latent_size >> i) <= cfg.spatial_attn_max_size for i in range(len(dims))]
         self.downs = nn.ModuleList(
             level(d_in, d, spatial=s) for d_in, d, s in zip([dim, *dims[:-1]], dims, spatial, strict=True)
@@ -229,10 +254,10 @@ class Unet3D(nn.Module):
         )
 
         mid = dims[-1]
-        self.mid_block1 = ResnetBlock(mid, mid, cond_dim=cond_dim, groups=cfg.resnet_groups)
+        self.mid_block1 = ResnetBlock(mid, mid, **block)
         self.mid_spatial = SpatialAttention(mid, **attn)
         self.mid_temporal = TemporalAttention(mid, **attn) if temporal else None
-        self.mid_block2 = ResnetBlock(mid, mid, cond_dim=cond_dim, groups=cfg.resnet_groups)
+        self.mid_block2 = ResnetBlock(mid, mid, **block)
 
         # deepest level first; each up level sees its own output concatenated with the matching skip
         self.ups = nn.ModuleList(
@@ -246,7 +271,7 @@ class Unet3D(nn.Module):
             + [nn.Identity()]
         )
 
-        self.final_block = ResnetBlock(dims[0] + dim, dim, cond_dim=cond_dim, groups=cfg.resnet_groups)
+        self.final_block = ResnetBlock(dims[0] + dim, dim, **block)
         self.final_conv = nn.Conv2d(dim, channels, 1)
         # zero output at initialisation: the first ε-predictions are 0, so training starts at loss ≈ 1
         for param in self.final_conv.parameters():  # weight and bias
@@ -294,17 +319,17 @@ class Unet3D(nn.Module):
 
         skips = []
         for level, downsample in zip(self.downs, self.downsamples, strict=True):
-            x = level(x, emb, bias)
+            x = level(x, emb, bias, k)
             skips.append(x)
             x = downsample(x)
 
-        x = self.mid_spatial(self.mid_block1(x, emb))
+        x = self.mid_spatial(self.mid_block1(x, emb, k))
         if self.mid_temporal is not None:
             x = self.mid_temporal(x, bias)
-        x = self.mid_block2(x, emb)
+        x = self.mid_block2(x, emb, k)
 
         for level, upsample in zip(self.ups, self.upsamples, strict=True):
-            x = upsample(level(torch.cat((x, skips.pop()), dim=1), emb, bias))
+            x = upsample(level(torch.cat((x, skips.pop()), dim=1), emb, bias, k))
 
-        x = self.final_conv(self.final_block(torch.cat((x, r), dim=1), emb))
+        x = self.final_conv(self.final_block(torch.cat((x, r), dim=1), emb, k))
         return rearrange(x, "(b k) c h w -> b c k h w", k=k)

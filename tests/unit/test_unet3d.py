@@ -91,8 +91,9 @@ def test_learned_null_gets_gradient_only_from_dropped_rows() -> None:
     assert torch.count_nonzero(grad_dropped) > 0
 
 
-def test_rows_of_a_batch_are_independent() -> None:
-    model, x = make(null_embedding="learned"), inputs()
+@pytest.mark.parametrize("norm", ["frame", "clip"])
+def test_rows_of_a_batch_are_independent(norm: str) -> None:
+    model, x = make(null_embedding="learned", norm=norm), inputs()
     drop = torch.tensor([False, True])
     batched = model(**x, drop_text=drop)
     for i in range(B):
@@ -100,14 +101,25 @@ def test_rows_of_a_batch_are_independent() -> None:
         torch.testing.assert_close(alone[0], batched[i], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["frame", "clip"])
 @pytest.mark.parametrize("temporal", [True, False])
-def test_only_temporal_attention_mixes_frames(temporal: bool) -> None:
-    model, x = make(temporal_attn=temporal), inputs()
+def test_only_temporal_attention_and_clip_norms_mix_frames(temporal: bool, norm: str) -> None:
+    model, x = make(temporal_attn=temporal, norm=norm), inputs()
     perturbed = x["x"].clone()
     perturbed[:, :, 0] += 1
     out, out_perturbed = model(**x), model(**{**x, "x": perturbed})
     assert differs(out[:, :, 0], out_perturbed[:, :, 0])
-    assert differs(out[:, :, -1], out_perturbed[:, :, -1]) == temporal
+    assert differs(out[:, :, -1], out_perturbed[:, :, -1]) == (temporal or norm == "clip")
+
+
+def test_clip_norm_is_group_norm_over_the_clip_tensor() -> None:
+    folded = torch.randn(B * K, 8, SIDE, SIDE) * torch.linspace(0.5, 2, B * K)[:, None, None, None]
+    clip_norm, frame_norm = unet3d.GroupNorm(4, 8, clip=True), unet3d.GroupNorm(4, 8, clip=False)
+    clips = rearrange(folded, "(b k) c h w -> b c k h w", k=K)
+    expected = rearrange(torch.nn.functional.group_norm(clips, 4), "b c k h w -> (b k) c h w")
+    torch.testing.assert_close(clip_norm(folded, K), expected)
+    torch.testing.assert_close(frame_norm(folded, K), torch.nn.functional.group_norm(folded, 4))
+    assert differs(clip_norm(folded, K), frame_norm(folded, K))
 
 
 @pytest.mark.parametrize("frame_embedding", [True, False])
