@@ -39,7 +39,8 @@ STAGES: dict[str, tuple[str, ...]] = {
 }
 # stages whose runs carry the machine's system metrics (MLflow's monitor) while they train
 TRAINING = ("pretrain_flow", "train_lfae", "finetune_decoder", "train_dm")
-# evaluate's metrics that the pipeline's MLflow parent run carries (with the ratios of _headline)
+# evaluate's metrics that the pipeline's MLflow parent run carries and `dvc exp show` lists (with the ratios of
+# _headline, in <paths.metrics>/headline.json): DVC's metrics are these and the training losses, nothing else
 HEADLINE = ("fvd/lfdm", "fvd/oracle", "fvd/static", "accuracy/lfdm", "accuracy/real", "l1/lfdm")
 # stages that work clip by clip: ``run(params, shards, map_shards)`` splits them (lfdm.shards)
 SHARDED = ("extract_flow", "sample", "evaluate_references", "evaluate")
@@ -70,13 +71,18 @@ def execute(name: str, params: Params, map_shards: MapShards | None = None) -> d
     start = time.perf_counter()
     with _tracked(name, params) as run_id:
         metrics = run(params)
+        headline = _headline(name, metrics)
         if distributed.is_main():
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            if headline:  # evaluate's: the file dvc.yaml declares as its metrics
+                out.with_name("headline.json").write_text(
+                    json.dumps(headline, indent=2, sort_keys=True) + "\n"
+                )
         if run_id:
             from lfdm import tracking
 
-            tracking.log_results(metrics, _headline(name, metrics))
+            tracking.log_results(metrics, headline)
             tracking.log_lineage(name)  # every output written, the metrics file included
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
     log.info("%s: done in %.1f s (%s)", name, time.perf_counter() - start, summary)

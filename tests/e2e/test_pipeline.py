@@ -136,6 +136,14 @@ def test_dvc_repro_tracks_into_mlflow_server_and_reruns_only_what_changed(tmp_pa
     assert sorted(stages_ran(first)) == sorted(STAGES)
     assert_pipeline_outputs(project)
     assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == set(STAGES)
+    shown = subprocess.run(
+        ["dvc", "metrics", "show", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True
+    )
+    declared = json.loads(shown.stdout)[""]["data"]  # DVC's metrics: the headline and the training losses
+    assert set(declared) == {"metrics/headline.json", "metrics/train_lfae.json", "metrics/train_dm.json"}
+    assert declared["metrics/headline.json"]["data"]["fvd/lfdm"] == pytest.approx(
+        json.loads((project / "metrics/evaluate.json").read_text())["fvd/lfdm"]
+    )
 
     parent, children = pipeline_runs(mlflow_server, "dvc-e2e")
     assert parent.info.status == "FINISHED"
