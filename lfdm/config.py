@@ -195,9 +195,10 @@ class PretrainFlowConfig(Section):
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     betas: Betas = (0.9, 0.999)  # the lr decays linearly to 0
-    # loss weights beside the final flow's (1): the correlation estimator's local motion, the background
-    # affine's and each region's own motion against the teacher, the occlusion head against the teacher's
-    # visibility, FOMM's equivariance
+    # loss weights beside the final flow's (1): the source warped by the final flow against the driving frame
+    # (L1), the correlation estimator's local motion, the background affine's and each region's own motion
+    # against the teacher, the occlusion head against the teacher's visibility, FOMM's equivariance
+    photometric_weight: float = Field(default=1.0, ge=0)
     local_weight: float = Field(default=1.0, ge=0)
     background_weight: float = Field(default=0.1, ge=0)
     region_weight: float = Field(default=0.1, ge=0)

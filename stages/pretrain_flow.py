@@ -65,8 +65,9 @@ def run(p: Params) -> dict[str, float]:
     )
 
     def loss(batch: dict) -> dict[str, torch.Tensor]:
-        out = flow_predictor(batch["source"], batch["driving"])
-        return distillation_loss(out, flow_predictor, batch["driving"], batch["grid"], batch["reliable"], cfg)
+        source, driving = batch["source"], batch["driving"]
+        out = flow_predictor(source, driving)
+        return distillation_loss(out, flow_predictor, source, driving, batch["grid"], batch["reliable"], cfg)
 
     flow_predictor.train()
     fit("pretrain_flow", state, loader, loss, cfg, objective="total", device=device)

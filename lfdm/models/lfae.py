@@ -360,8 +360,10 @@ class CorrelationFlow(nn.Module):
     One encoder maps both frames to unit-length features at the latent size; every driving pixel's features
     are compared with the source's at each displacement within ``radius`` latent pixels; a softmax of these
     similarities (with a learnt temperature) averages the displacements — a soft arg-max, so motions come out
-    sub-pixel — and a small convolutional head refines that from the similarities, the motion and the
-    driving features. Matching is what makes motion learnable in minutes: F need not regress it from pooled
+    sub-pixel. A small convolutional head then refines that motion, warp-and-refine as in PWC-Net: it sees the
+    similarities, the motion, the driving features and the features of the source frame warped by that
+    motion beside the driving frame at full size, which hold the sub-pixel residual the latent-size matching
+    cannot resolve. Matching is what makes motion learnable in minutes: F need not regress it from pooled
     features (docs/model.md)."""
 
     shifts: Tensor
@@ -379,8 +381,14 @@ class CorrelationFlow(nn.Module):
         offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
         dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
         self.register_buffer("shifts", torch.stack((dx, dy), dim=-1).reshape(-1, 2), persistent=False)
+        # the source warped by the soft arg-max, the driving frame and their difference, down to the latent size
+        self.residual = nn.Sequential(
+            SameBlock2d(9, channels // 2),
+            DownBlock2d(channels // 2, channels),
+            DownBlock2d(channels, channels),
+        )
         self.refine = nn.Sequential(
-            nn.Conv2d(len(self.shifts) + 2 + channels, 64, 3, padding=1),
+            nn.Conv2d(len(self.shifts) + 2 + 2 * channels, 64, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(64, 64, 3, padding=1),
             nn.ReLU(),
@@ -402,9 +410,14 @@ class CorrelationFlow(nn.Module):
             weights = F.softmax(cost.float() / self.log_temperature.exp(), dim=-1)
             pixels = (weights @ self.shifts).transpose(1, 2).unflatten(-1, (h, w))  # (B, 2, h, w)
         cost = cost.clamp_min(-1).transpose(1, 2).unflatten(-1, (h, w))
-        pixels = pixels + self.refine(torch.cat((cost, pixels.to(cost.dtype), drv), dim=1)).float()
         scale = pixels.new_tensor([2 / (w - 1), 2 / (h - 1)])
-        return identity_grid(h, w, device=pixels.device) + pixels.permute(0, 2, 3, 1) * scale
+        identity = identity_grid(h, w, device=pixels.device)
+        # detached, as RAFT and PWC-Net warp: the refinement corrects the motion, not the matching through it
+        warped = warp(source, identity + pixels.detach().permute(0, 2, 3, 1) * scale, padding="border")
+        residual = self.residual(torch.cat((warped, driving, warped - driving), dim=1))
+        refine_input = torch.cat((cost, pixels.to(cost.dtype), drv, residual.to(cost.dtype)), dim=1)
+        pixels = pixels + self.refine(refine_input).float()
+        return identity + pixels.permute(0, 2, 3, 1) * scale
 
     def _window(self, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """For each pixel and shift: the index of the source pixel it compares with (clamped) ``(hw, S)``,

@@ -231,6 +231,7 @@ def test_correlation_finds_a_shift_between_feature_maps():
     torch.manual_seed(0)
     flow = CorrelationFlow(channels=8, radius=2)
     flow.encoder = torch.nn.Identity()
+    flow.residual = torch.nn.Conv2d(3 * 8, 8, 1)  # warped, driving, difference of 8-channel "frames"
     with torch.no_grad():
         flow.log_temperature.fill_(-5.0)
     source = torch.randn(1, 8, 8, 8)

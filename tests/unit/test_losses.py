@@ -280,6 +280,7 @@ def test_distillation_brings_f_towards_the_teacher_on_a_real_clip(estimator) -> 
     from lfdm.data.teacher_store import frame_pairs
     from lfdm.losses import distillation_loss
     from lfdm.models.lfae import FlowPredictor
+    from lfdm.models.warp import warp
     from lfdm.teacher import teacher_flows
 
     clip = carphone(8)
@@ -294,10 +295,14 @@ def test_distillation_brings_f_towards_the_teacher_on_a_real_clip(estimator) -> 
         with torch.no_grad():
             return float((model(source, driving).flow - teacher.grid).norm(dim=-1).mean())
 
-    before = error()
+    def warp_error() -> float:  # what the photometric term measures
+        with torch.no_grad():
+            return float((warp(source, model(source, driving).flow, padding="border") - driving).abs().mean())
+
+    before, warp_before = error(), warp_error()
     for step in range(80):
         losses = distillation_loss(
-            model(source, driving), model, driving, teacher.grid, teacher.reliable, cfg
+            model(source, driving), model, source, driving, teacher.grid, teacher.reliable, cfg
         )
         optimizer.zero_grad()
         losses["total"].backward()
@@ -305,6 +310,7 @@ def test_distillation_brings_f_towards_the_teacher_on_a_real_clip(estimator) -> 
         if step == 0:
             expected = {
                 "flow",
+                "photometric",
                 "background",
                 "regions",
                 "occlusion",
@@ -314,3 +320,4 @@ def test_distillation_brings_f_towards_the_teacher_on_a_real_clip(estimator) -> 
             assert set(losses) - {"total"} == expected | ({"local"} if estimator == "correlation" else set())
             assert model.pixelwise_flow_predictor.occlusion.weight.grad.abs().sum() > 0
     assert error() < 0.6 * before, (before, error())
+    assert warp_error() < warp_before, (warp_before, warp_error())
