@@ -53,6 +53,7 @@ def rewritten_files(metrics_dir: Path, plots_dir: Path) -> list[Path]:
         Path("dvc.lock"),
         metrics_dir / "sample.json",
         metrics_dir / "evaluate.json",
+        metrics_dir / "headline.json",
         metrics_dir / "evaluate_table.md",
         plots_dir / "evaluate_l1_per_frame.json",
         plots_dir / "real_vs_generated.gif",
