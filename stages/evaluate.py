@@ -9,7 +9,9 @@ given image; protocols in docs/results.md):
   FVD within each label / each subject image, mean over groups (``*_std`` the spread);
 - ``accuracy/<m>``: condition accuracy, the share of videos a motion classifier trained on the real
   training clips assigns to their label; ``accuracy/real`` is its accuracy on the real test clips, the ceiling;
-- ``fid_mobilenetv2/<m>``: Fréchet distance of MobileNetV2 ImageNet features of frames 1..K-1 (not FID);
+- ``fid_i3d/<m>``: Fréchet distance of frames 1..K−1 on the I3D's image features (each frame held still;
+  not FID: :mod:`lfdm.metrics.fid`); ``fid_mobilenetv2/<m>`` the same on ImageNet MobileNetV2 features, which
+  the LFAE's perceptual loss trains against (a secondary column);
 - ``l1/<m>``: mean absolute pixel error per pixel, per frame and per video, frame 0 excluded;
 - ``flow_cosine``: cosine between the mean latent displacement trajectories of generated and real flow;
 - ``fvd_seen/lfdm`` vs ``fvd_unseen/lfdm`` (paper Table 2): FVD of videos generated from training images
@@ -41,13 +43,15 @@ from lfdm import serving, tracking
 from lfdm.config import Params
 from lfdm.data import FlowStore, FrameStore, ManifestRow, read_manifest
 from lfdm.device import resolve_device
-from lfdm.metrics import I3DFeatures, MobileNetFeatures, feature_frechet_distance, load_i3d
+from lfdm.metrics import I3DFeatures, feature_frechet_distance, load_i3d
 from lfdm.metrics.classifier import accuracy
 from lfdm.metrics.evaluation import (
+    FRAME_METRICS,
     METHODS,
     References,
     concatenated,
     downsized,
+    frame_extractors,
     method_metrics,
     per_frame_l1,
     stored_frames,
@@ -73,7 +77,7 @@ class ShardResult:
     """What one shard of clips contributes; the lists and arrays follow the clips' order."""
 
     i3d: dict[str, np.ndarray]  # "lfdm" (and "real" for seen clips) → (N, 400) I3D logits
-    mobilenet: np.ndarray | None = None  # generated frames 1..K-1 → (N·(K−1), D) features
+    frames: dict[str, np.ndarray] = field(default_factory=dict)  # frame FEATURES of generated frames 1..K−1
     l1: torch.Tensor | None = None  # (N, K−1) per-frame L1 of the generated videos
     classifier_input: torch.Tensor | None = None  # (N, K, 3, s, s) in [0, 1]
     cosines: list[float] = field(default_factory=list)
@@ -99,9 +103,8 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
     test = [part for (kind, _), part in zip(jobs, parts, strict=True) if kind == "test"]
     labels, subjects = [r.label for r in tests], [r.subject for r in tests]
 
-    generated = {
-        "i3d": concatenated([part.i3d["lfdm"] for part in test]),
-        "mobilenet": concatenated([part.mobilenet for part in test]),
+    generated = {"i3d": concatenated([part.i3d["lfdm"] for part in test])} | {
+        key: concatenated([part.frames[key] for part in test]) for key in FRAME_METRICS.values()
     }
     l1 = concatenated([part.l1 for part in test])
     metrics: dict[str, float] = {
@@ -140,19 +143,19 @@ def evaluate_shard(p: Params, job: tuple[str, list[tuple[int, list[ManifestRow]]
     device, cfg = resolve_device(p.device), p.evaluate
     rows = [row for _, batch in batches for row in batch]
     real, generated, cosines = collect_videos(p, rows)  # uint8 (N, K, 3, H, W)
-    i3d = I3DFeatures(load_i3d().to(device), batch_size=cfg.batch_size)
+    i3d = load_i3d().to(device)
+    clips = I3DFeatures(i3d, batch_size=cfg.batch_size)
     videos = {"real": real, "lfdm": generated} if kind == "seen" else {"lfdm": generated}
     result = ShardResult(
         i3d={
-            name: i3d(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False))
+            name: clips(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False))
             for name, v in videos.items()
         }
     )
     if kind == "seen":
         return result
-    result.mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)(
-        generated[:, 1:].flatten(0, 1)
-    )
+    frames = generated[:, 1:].flatten(0, 1)
+    result.frames = {key: e(frames) for key, e in frame_extractors(i3d, device).items()}
     result.l1 = per_frame_l1(generated, real)
     result.classifier_input = downsized(generated, cfg.classifier_size)
     result.cosines = cosines
@@ -221,15 +224,16 @@ def results_table(metrics: dict[str, float]) -> str:
         )
 
     rows = [
-        "| method | FVD ↓ | cFVD ↓ | sFVD ↓ | accuracy ↑ | fid_mobilenetv2 ↓ | L1 ↓ |",
-        "|---|---|---|---|---|---|---|",
+        "| method | FVD ↓ | cFVD ↓ | sFVD ↓ | accuracy ↑ | fid_i3d ↓ | fid_mobilenetv2 ↓ | L1 ↓ |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in METHODS:
         rows.append(
             f"| {m} | {metrics[f'fvd/{m}']:.1f} | {grouped('cfvd', m)} | {grouped('sfvd', m)} "
-            f"| {metrics[f'accuracy/{m}']:.3f} | {metrics[f'fid_mobilenetv2/{m}']:.2f} | {metrics[f'l1/{m}']:.4f} |"
+            f"| {metrics[f'accuracy/{m}']:.3f} | {metrics[f'fid_i3d/{m}']:.2f} "
+            f"| {metrics[f'fid_mobilenetv2/{m}']:.2f} | {metrics[f'l1/{m}']:.4f} |"
         )
-    rows.append(f"| real (ceiling) | 0 | 0 | 0 | {metrics['accuracy/real']:.3f} | 0 | 0 |")
+    rows.append(f"| real (ceiling) | 0 | 0 | 0 | {metrics['accuracy/real']:.3f} | 0 | 0 | 0 |")
     notes = [
         f"{metrics['test_videos']} test videos; flow cosine (lfdm vs real) {metrics['flow_cosine']:.3f}."
     ]

@@ -17,13 +17,15 @@ from tqdm import tqdm
 from lfdm.config import Params
 from lfdm.data import FlowStore, FrameStore, ManifestRow, read_manifest
 from lfdm.device import resolve_device
-from lfdm.metrics import I3DFeatures, MobileNetFeatures, load_i3d
+from lfdm.metrics import I3DFeatures, load_i3d
 from lfdm.metrics.classifier import accuracy, train_classifier
 from lfdm.metrics.evaluation import (
+    FEATURES,
     REFERENCE_METHODS,
     References,
     concatenated,
     downsized,
+    frame_extractors,
     method_metrics,
     per_frame_l1,
     stored_frames,
@@ -38,8 +40,7 @@ from lfdm.viz import to_uint8
 class ShardResult:
     """Per video set (``"real"`` and each reference method) of one shard's clips, in their order."""
 
-    i3d: dict[str, np.ndarray]  # (N, 400) I3D logits
-    mobilenet: dict[str, np.ndarray]  # (N·(K−1), D) frame features
+    features: dict[str, dict[str, np.ndarray]]  # FEATURES key → video set → its features
     l1: dict[str, torch.Tensor]  # reference method → (N, K−1)
     classifier_input: dict[str, torch.Tensor]  # (N, K, 3, s, s) in [0, 1]
 
@@ -52,16 +53,15 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
     )
     parts = map_shards(functools.partial(reference_shard, p), batch_shards(tests, cfg.batch_size, shards))
 
-    def joined(key: str, name: str):
-        return concatenated([getattr(part, key)[name] for part in parts])
+    def features(name: str) -> dict[str, np.ndarray]:
+        return {key: concatenated([part.features[key][name] for part in parts]) for key in FEATURES}
 
-    real = {key: joined(key, "real") for key in ("i3d", "mobilenet")}
-    l1 = {m: joined("l1", m) for m in REFERENCE_METHODS}
+    real = features("real")
+    l1 = {m: concatenated([part.l1[m] for part in parts]) for m in REFERENCE_METHODS}
     labels, subjects = [r.label for r in tests], [r.subject for r in tests]
     metrics: dict[str, float] = {}
     for m in REFERENCE_METHODS:
-        fake = {key: joined(key, m) for key in ("i3d", "mobilenet")}
-        metrics |= method_metrics(m, real, fake, l1[m], labels, subjects)
+        metrics |= method_metrics(m, real, features(m), l1[m], labels, subjects)
 
     frames = FrameStore(p.paths.frames)
     classifier, classes = train_classifier(
@@ -72,7 +72,8 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
         device=device,
     )
     for name in ("real", *REFERENCE_METHODS):
-        metrics[f"accuracy/{name}"] = accuracy(classifier, classes, joined("classifier_input", name), labels)
+        videos = concatenated([part.classifier_input[name] for part in parts])
+        metrics[f"accuracy/{name}"] = accuracy(classifier, classes, videos, labels)
 
     References(
         video_ids=[r.video_id for r in tests],
@@ -89,20 +90,24 @@ def run(p: Params, shards: int = 1, map_shards: MapShards = serial) -> dict[str,
 def reference_shard(p: Params, batches: list[tuple[int, list[ManifestRow]]]) -> ShardResult:
     device, cfg = resolve_device(p.device), p.evaluate
     videos = reference_videos(p, [row for _, batch in batches for row in batch], device)
-    i3d = I3DFeatures(load_i3d().to(device), batch_size=cfg.batch_size)
-    mobilenet = MobileNetFeatures(batch_size=cfg.batch_size * 8).to(device)
-    real = videos["real"]
-    return ShardResult(
-        i3d={
-            name: i3d(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False))
+    i3d = load_i3d().to(device)
+    clips = I3DFeatures(i3d, batch_size=cfg.batch_size)
+    features = {
+        "i3d": {
+            name: clips(tqdm(v.split(cfg.batch_size), desc=f"I3D {name}", leave=False))
             for name, v in videos.items()
-        },
-        mobilenet={
-            "real": mobilenet(real[:, 1:].flatten(0, 1)),
-            "oracle": mobilenet(videos["oracle"][:, 1:].flatten(0, 1)),
+        }
+    }
+    real = videos["real"]
+    for key, extractor in frame_extractors(i3d, device).items():
+        features[key] = {
+            "real": extractor(real[:, 1:].flatten(0, 1)),
+            "oracle": extractor(videos["oracle"][:, 1:].flatten(0, 1)),
             # a static video's frames are all x0: one forward per video instead of K − 1
-            "static": np.repeat(mobilenet(real[:, 0]), real.shape[1] - 1, axis=0),
-        },
+            "static": np.repeat(extractor(real[:, 0]), real.shape[1] - 1, axis=0),
+        }
+    return ShardResult(
+        features=features,
         l1={m: per_frame_l1(videos[m], real) for m in REFERENCE_METHODS},
         classifier_input={name: downsized(v, cfg.classifier_size) for name, v in videos.items()},
     )

@@ -7,7 +7,8 @@ alone trains on frame pairs of the train split with the perceptual loss (the equ
 concerns F). Writes ``<paths.finetune>/lfae.pt``, the LFAE with the fine-tuned Ω, which ``sample`` uses with
 ``sample.decoder: finetuned``. Metrics on the new domain's test clips, for the trained and the fine-tuned
 decoder: self-reconstruction L1 (each of the K frames rendered from x0 with the flow F estimates to it;
-per pixel, per frame, frame 0 excluded) and ``fid_mobilenetv2`` of those frames against the real ones.
+per pixel, per frame, frame 0 excluded) and the frame Fréchet distances ``fid_i3d`` and ``fid_mobilenetv2``
+(which Ω's perceptual loss trains against) of those frames against the real ones.
 
 Disabled: ``<paths.finetune>`` holds only a ``DISABLED`` note (DVC needs the out to exist).
 """
@@ -27,7 +28,8 @@ from lfdm.data import FramePairDataset, FrameStore, ManifestRow, read_manifest, 
 from lfdm.data.prepare import prepare_dataset
 from lfdm.device import resolve_device
 from lfdm.losses import PerceptualLoss
-from lfdm.metrics import MobileNetFeatures, feature_frechet_distance
+from lfdm.metrics import feature_frechet_distance, load_i3d
+from lfdm.metrics.evaluation import FRAME_METRICS, frame_extractors
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.lfae_checkpoints import finetuned_lfae_path, load_lfae, save_lfae
 from lfdm.training import TrainingState, adam, fit, seed_everything, sharded_loader
@@ -118,7 +120,7 @@ def compare_decoders(
     rows: list[ManifestRow],
     device: torch.device,
 ) -> dict[str, float]:
-    """Self-reconstruction L1 and fid_mobilenetv2 of both decoders on the clips ``rows`` (same frozen Φ, F)."""
+    """Self-reconstruction L1, fid_i3d and fid_mobilenetv2 of both decoders on the clips ``rows`` (same Φ, F)."""
     real, recon, l1 = [], {"trained": [], "finetuned": []}, {"trained": [], "finetuned": []}
     for i, row in enumerate(tqdm(rows, desc="finetune_decoder: evaluate", unit="clip")):
         clip = to_tensor(store.read(row.video_id, row.frame_indices)).to(device)  # (K, 3, H, W)
@@ -135,12 +137,12 @@ def compare_decoders(
                 reconstruction_strip(source[-4:], clip[-4:], frames[-4:], motion.flow[-4:]),
                 "finetuned_reconstructions.png",
             )
-    extractor = MobileNetFeatures().to(device)
-    real_features = extractor(torch.cat(real))
+    extractors = frame_extractors(load_i3d().to(device), device)
+    real_features = {key: extractor(torch.cat(real)) for key, extractor in extractors.items()}
     metrics: dict[str, float] = {"test_frames": sum(len(r) for r in real)}
     for name in ("trained", "finetuned"):
         metrics[f"l1/{name}"] = float(torch.cat(l1[name]).mean())
-        metrics[f"fid_mobilenetv2/{name}"] = feature_frechet_distance(
-            real_features, extractor(torch.cat(recon[name]))
-        )
+        for metric, key in FRAME_METRICS.items():
+            fake_features = extractors[key](torch.cat(recon[name]))
+            metrics[f"{metric}/{name}"] = feature_frechet_distance(real_features[key], fake_features)
     return metrics

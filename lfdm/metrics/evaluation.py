@@ -22,10 +22,23 @@ import torch.nn.functional as F
 from lfdm.data import FrameStore, ManifestRow
 from lfdm.errors import MissingInput
 from lfdm.metrics.classifier import MotionClassifier
+from lfdm.metrics.fid import FrameFeatures, I3DFrameFeatures, MobileNetFeatures
 from lfdm.metrics.fvd import feature_frechet_distance, grouped_fvd
+from lfdm.metrics.i3d import I3D
 
 METHODS = ("lfdm", "static", "oracle")
 REFERENCE_METHODS = ("static", "oracle")
+# the features a video set is scored on: I3D logits per video (N, 400), frames 1..K−1's features (N·(K−1), D)
+FEATURES = ("i3d", "i3d_frames", "mobilenet")
+FRAME_METRICS = {
+    "fid_i3d": "i3d_frames",
+    "fid_mobilenetv2": "mobilenet",
+}  # metric → the frame features it uses
+
+
+def frame_extractors(i3d: I3D, device: torch.device) -> dict[str, FrameFeatures]:
+    """The frame feature extractors of :data:`FRAME_METRICS`, by feature key (``i3d``: FVD's network)."""
+    return {"i3d_frames": I3DFrameFeatures(i3d).to(device), "mobilenet": MobileNetFeatures().to(device)}
 
 
 def method_metrics(
@@ -36,8 +49,8 @@ def method_metrics(
     labels: Sequence[str],
     subjects: Sequence[str],
 ) -> dict[str, float]:
-    """FVD, cFVD, sFVD (``*_std``: spread over groups), ``fid_mobilenetv2`` and L1 of one method, from the
-    ``"i3d"`` / ``"mobilenet"`` features of the real and the method's videos and its per-frame L1 ``(N, K−1)``."""
+    """FVD, cFVD, sFVD (``*_std``: spread over groups), ``fid_i3d``, ``fid_mobilenetv2`` and L1 of one method,
+    from the :data:`FEATURES` of the real and the method's videos and its per-frame L1 ``(N, K−1)``."""
     metrics = {f"fvd/{method}": feature_frechet_distance(real["i3d"], fake["i3d"])}
     for key, groups in (("cfvd", labels), ("sfvd", subjects)):
         keep = _in_groups_of_two(groups)  # a covariance needs two videos; tiny test sets lack them
@@ -45,7 +58,8 @@ def method_metrics(
             kept = np.asarray(groups)[keep]
             mean, std = grouped_fvd(real["i3d"][keep], fake["i3d"][keep], kept, kept)
             metrics[f"{key}/{method}"], metrics[f"{key}_std/{method}"] = mean, std
-    metrics[f"fid_mobilenetv2/{method}"] = feature_frechet_distance(real["mobilenet"], fake["mobilenet"])
+    for key, features in FRAME_METRICS.items():
+        metrics[f"{key}/{method}"] = feature_frechet_distance(real[features], fake[features])
     metrics[f"l1/{method}"] = float(l1.mean())
     return metrics
 
@@ -53,7 +67,7 @@ def method_metrics(
 @dataclass
 class References:
     """What ``evaluate_references`` saves for ``evaluate``: per real test clip (``video_ids``, in manifest
-    order) its ``"i3d"`` logits ``(N, 400)`` and ``"mobilenet"`` frame features ``(N·(K−1), D)``; the reference
+    order) its :data:`FEATURES`; the reference
     methods' per-frame L1 ``(N, K−1)``; the condition classifier, its classes and input size; the references'
     metrics."""
 
@@ -97,11 +111,13 @@ class References:
             raise MissingInput(f"{path}: no evaluation references; {redo}")
         saved = torch.load(path, map_location="cpu", weights_only=True)
         made_for = {
+            "features": sorted(saved["real"]),
             "test clips": saved["video_ids"],
             "frames": next(iter(saved["l1"].values())).shape[1] + 1,
             "evaluate.classifier_size": saved["classifier_size"],
         }
         wanted = {
+            "features": sorted(FEATURES),
             "test clips": list(video_ids),
             "frames": frames,
             "evaluate.classifier_size": classifier_size,

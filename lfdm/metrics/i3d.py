@@ -16,6 +16,7 @@ where the reference returns an empty tensor (NaN logits); this port averages ove
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import pickle
 from collections import OrderedDict
@@ -168,11 +169,44 @@ class I3D(nn.Module):
         self.logits = Unit3D(1024, num_classes, head=True)
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
-        if videos.ndim != 5 or videos.shape[2:] != (INPUT_SIZE, INPUT_SIZE, 3):
-            raise ValueError(f"I3D takes videos (B, T, 224, 224, 3) in [-1, 1], got {tuple(videos.shape)}")
-        x = self.features(videos.permute(0, 4, 1, 2, 3))  # (B, 1024, ceil(T/8), 7, 7)
+        x = self.trunk(videos)  # (B, 1024, ceil(T/8), 7, 7)
         x = F.avg_pool3d(x, (min(2, x.shape[2]), 7, 7), stride=1)  # reference: 2×7×7 VALID (see module doc)
         return self.logits(x).mean(dim=(2, 3, 4))  # spatial is 1×1: squeeze it, average the time steps
+
+    def trunk(self, videos: torch.Tensor) -> torch.Tensor:
+        """Videos ``(B, T, 224, 224, 3)`` in [-1, 1] → the last feature map ``(B, 1024, ceil(T/8), 7, 7)``."""
+        if videos.ndim != 5 or videos.shape[2:] != (INPUT_SIZE, INPUT_SIZE, 3):
+            raise ValueError(f"I3D takes videos (B, T, 224, 224, 3) in [-1, 1], got {tuple(videos.shape)}")
+        return self.features(videos.permute(0, 4, 1, 2, 3))
+
+
+def still_frame_i3d(model: I3D) -> I3D:
+    """``model`` as an image network: a one-frame clip through the result gives ``model``'s response to that
+    frame held still (a "boring video", in the I3D paper's words) away from the clip's ends.
+
+    On a clip that does not change, a convolution's taps over time all see the same frame, so the kernel
+    summed over time is the whole convolution — the inverse of the inflation that made I3D's filters from
+    ImageNet Inception-v1's. Max-pools over time change nothing; the batch norms (inference statistics) are
+    folded into the convolutions. Unlike a short clip of repeated frames, nothing depends on the padding at
+    the clip's ends, and it costs one frame's forward instead of T.
+    """
+    image_net = copy.deepcopy(model).eval()
+    for unit in image_net.modules():
+        if not isinstance(unit, Unit3D):
+            continue
+        conv = unit.conv
+        unit.kernel, unit.stride = (1, unit.kernel[1], unit.kernel[2]), (1, unit.stride[1], unit.stride[2])
+        image_conv = nn.Conv3d(conv.in_channels, conv.out_channels, unit.kernel, unit.stride)
+        weight, bias = conv.weight.detach().sum(dim=2, keepdim=True), conv.bias
+        bias = weight.new_zeros(conv.out_channels) if bias is None else bias.detach()
+        if isinstance(unit.bn, BatchNormNoScale):
+            scale = (unit.bn.running_var + unit.bn.eps).rsqrt()
+            weight = weight * scale.view(-1, 1, 1, 1, 1)
+            bias = (bias - unit.bn.running_mean) * scale + unit.bn.bias.detach()
+            unit.bn = nn.Identity()
+        image_conv.weight, image_conv.bias = nn.Parameter(weight), nn.Parameter(bias)
+        unit.conv = image_conv
+    return image_net.requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------- weights

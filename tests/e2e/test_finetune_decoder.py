@@ -14,6 +14,7 @@ from tiny import TINY, tiny_tree
 
 from lfdm.checkpoint import load_checkpoint
 from lfdm.config import load_params
+from lfdm.metrics.evaluation import FRAME_METRICS
 from lfdm.models.lfae_checkpoints import finetuned_lfae_path, sampling_lfae_path
 from lfdm.video import read_video, write_video
 from stages import execute
@@ -79,10 +80,12 @@ def test_metrics_compare_both_decoders_on_the_new_domain(finetuned) -> None:
     # the embedded-photo decoder trained 4 steps cannot render faces; 30 steps on faces help (measured:
     # L1 0.146 → 0.128; the warped x0 blended in by the official decoder carries much of the frame)
     assert metrics["l1/finetuned"] < 0.95 * metrics["l1/trained"]
-    # fid_mobilenetv2 of 27 frames (1280-d features) cannot rank two decoders: it fell with this fine-tune
-    # until F's background predictor changed (682ad01), then rose 112 → 142 (127 → 147 with a zero-initialised
-    # background output), while L1 fell every time
-    assert all(0 < metrics[f"fid_mobilenetv2/{d}"] < float("inf") for d in ("trained", "finetuned"))
+    # a frame Fréchet distance of 27 frames (1024-d or 1280-d features) cannot rank two decoders: fid_mobilenetv2
+    # fell with this fine-tune until F's background predictor changed (682ad01), then rose 112 → 142 (127 → 147
+    # with a zero-initialised background output), while L1 fell every time
+    assert all(
+        0 < metrics[f"{m}/{d}"] < float("inf") for m in FRAME_METRICS for d in ("trained", "finetuned")
+    )
     assert (path / "plots/finetune_decoder.tsv").is_file()
 
 

@@ -74,6 +74,7 @@ def assert_pipeline_outputs(project: Path) -> None:
             f"fvd/{method}",
             f"sfvd/{method}",
             f"accuracy/{method}",
+            f"fid_i3d/{method}",
             f"fid_mobilenetv2/{method}",
         } <= set(evaluate)
     assert {"accuracy/real", "flow_cosine", "fvd_seen/lfdm", "fvd_unseen/lfdm"} <= set(evaluate)

@@ -16,7 +16,11 @@ def references(classifier_size: int = 16) -> References:
     rng = np.random.default_rng(0)
     return References(
         video_ids=IDS,
-        real={"i3d": rng.normal(size=(3, 400)), "mobilenet": rng.normal(size=(9, 32))},
+        real={
+            "i3d": rng.normal(size=(3, 400)),
+            "i3d_frames": rng.normal(size=(9, 64)),
+            "mobilenet": rng.normal(size=(9, 32)),
+        },
         l1={"static": torch.rand(3, 3), "oracle": torch.rand(3, 3)},
         classifier=MotionClassifier(2).eval(),
         classes=["pan left", "zoom in"],
@@ -66,6 +70,17 @@ def test_references_made_for_other_inputs_are_refused(tmp_path: Path, overrides:
     assert str(path) in str(err.value) and named in str(err.value)
 
 
+def test_references_without_a_feature_set_are_refused(tmp_path: Path) -> None:
+    """References written before a metric existed (here: no frame features for fid_i3d) are made again."""
+    path, older = tmp_path / "references.pt", references()
+    del older.real["i3d_frames"]
+    older.save(path)
+    with pytest.raises(
+        ValueError, match=r"'features': \(\['i3d', 'mobilenet'\], \['i3d', 'i3d_frames', 'mob"
+    ):
+        load(path)
+
+
 def test_missing_references_name_the_file_and_the_stage(tmp_path: Path) -> None:
     with pytest.raises(
         FileNotFoundError, match=r"nothing\.pt: no evaluation references; run `dvc repro evaluate_"
@@ -75,12 +90,15 @@ def test_missing_references_name_the_file_and_the_stage(tmp_path: Path) -> None:
 
 def test_method_metrics() -> None:
     rng = np.random.default_rng(1)
-    real = {"i3d": rng.normal(size=(6, 8)), "mobilenet": rng.normal(size=(12, 4))}
+    real = {
+        "i3d": rng.normal(size=(6, 8)),
+        "i3d_frames": rng.normal(size=(12, 4)),
+        "mobilenet": rng.normal(size=(12, 4)),
+    }
     labels, subjects = ["x", "x", "x", "y", "y", "z"], ["s"] * 6
     same = method_metrics("copy", real, real, torch.zeros(6, 2), labels, subjects)
-    assert same["fvd/copy"] == pytest.approx(0, abs=1e-6) and same["fid_mobilenetv2/copy"] == pytest.approx(
-        0, abs=1e-6
-    )
+    for key in ("fvd", "fid_i3d", "fid_mobilenetv2"):
+        assert same[f"{key}/copy"] == pytest.approx(0, abs=1e-6)
     assert same["cfvd/copy"] == pytest.approx(0, abs=1e-6) and same["l1/copy"] == 0
 
     shifted = {key: value + 1 for key, value in real.items()}
@@ -90,11 +108,13 @@ def test_method_metrics() -> None:
         moved["sfvd/shift"] == pytest.approx(moved["fvd/shift"]) and moved["sfvd_std/shift"] == 0
     )  # one subject
     assert moved["cfvd_std/shift"] >= 0 and moved["l1/shift"] == 0.25
+    assert moved["fid_i3d/shift"] == pytest.approx(4, rel=1e-4) == moved["fid_mobilenetv2/shift"]
     # "z" has one video: no covariance, so the grouped FVDs use the groups of two or more only
     assert method_metrics("one", real, shifted, torch.zeros(6, 2), list("abcdef"), subjects).keys() == {
         "fvd/one",
         "sfvd/one",
         "sfvd_std/one",
+        "fid_i3d/one",
         "fid_mobilenetv2/one",
         "l1/one",
     }

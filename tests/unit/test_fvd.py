@@ -14,6 +14,7 @@ from lfdm.losses import load_imagenet_model
 from lfdm.metrics import (
     I3D,
     I3DFeatures,
+    I3DFrameFeatures,
     MobileNetFeatures,
     NumpyUnpickler,
     feature_frechet_distance,
@@ -24,7 +25,7 @@ from lfdm.metrics import (
     grouped_fvd,
     load_i3d,
 )
-from lfdm.metrics.i3d import i3d_weights_path, load_i3d_state_dict
+from lfdm.metrics.i3d import BatchNormNoScale, i3d_weights_path, load_i3d_state_dict, still_frame_i3d
 
 ROOT = Path(__file__).parents[2]
 GOLDEN = ROOT / "tests/data/i3d_golden.npz"
@@ -271,10 +272,46 @@ def test_mobilenet_features_equal_the_unfused_network(real_videos: torch.Tensor)
     extractor = MobileNetFeatures(batch_size=8)
     reference = load_imagenet_model("mobilenet_v2", None).features.eval()
     with torch.inference_mode():
-        expected = reference(extractor.preprocess(frames).contiguous()).mean(dim=(2, 3)).double().numpy()
+        normalised = (extractor.preprocess(frames) - extractor.mean) / extractor.std
+        expected = reference(normalised).mean(dim=(2, 3)).double().numpy()
     np.testing.assert_allclose(extractor(frames), expected, rtol=0, atol=1e-4)
     assert expected.shape == (20, 1280) and expected.std() > 0.1
     assert not [m for m in extractor.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # every one folded
+
+
+def test_still_frame_i3d_is_the_network_on_a_frame_held_still(i3d: I3D) -> None:
+    """One frame through the collapsed network = the I3D's feature map in the middle of a clip of that frame
+    repeated 128 times (64 leave the ends' padding in reach: relative error 0.16)."""
+    still = still_frame_i3d(i3d)
+    frames = torch.rand(2, 3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # small: cheap
+    with torch.inference_mode():
+        expected = i3d.features(frames.expand(-1, -1, 128, -1, -1).contiguous())
+        expected = expected[:, :, expected.shape[2] // 2 :][:, :, :1]
+        got = still.features(frames)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    assert not [m for m in still.modules() if isinstance(m, BatchNormNoScale)]
+    assert all(m.kernel_size[0] == 1 for m in still.modules() if isinstance(m, torch.nn.Conv3d))
+    assert i3d.features.Conv3d_1a_7x7.conv.kernel_size == (7, 7, 7)  # a copy was collapsed, not the I3D
+
+
+def test_i3d_frame_features_tell_frames_apart(i3d: I3D, real_videos: torch.Tensor) -> None:
+    """fid_i3d's features: a set against itself is 0, against its uint8 channels-first copy almost 0; the
+    distance grows with noise, and faces against street scenes are further apart than light noise."""
+    frames = real_videos[:, ::3].flatten(0, 1)  # 32 real frames (N, H, W, 3): 16 of faces, then 16 of streets
+    extractor = I3DFrameFeatures(i3d, batch_size=16)
+    features = extractor(frames)
+    assert features.shape == (32, 1024)
+    assert feature_frechet_distance(features, features) == pytest.approx(0, abs=1e-3)
+    as_uint8 = (frames * 255).round().to(torch.uint8).permute(0, 3, 1, 2)
+    g = torch.Generator().manual_seed(0)
+    noise = [
+        feature_frechet_distance(
+            features, extractor((frames + sigma * torch.randn(frames.shape, generator=g)).clamp(0, 1))
+        )
+        for sigma in (0.05, 0.2)
+    ]
+    assert feature_frechet_distance(features, extractor(as_uint8)) < 0.05 * noise[0] < noise[1] / 20, noise
+    assert feature_frechet_distance(features[:16], features[16:]) > noise[0]
 
 
 def test_fvd_of_a_set_with_itself_is_zero_and_fvd_is_symmetric(real_features: np.ndarray) -> None:
