@@ -366,6 +366,10 @@ class TrainDMConfig(Section):
 
 class ExtractFlowConfig(Section):
     batch_size: int = Field(default=16, ge=1)
+    # flow sequences per training clip for train_dm: the manifest's frames, then draws − 1 more, each with
+    # its frames drawn again (data.frame_sampling) and a clip-wide colour jitter (the official loaders redraw
+    # and jitter at every load); train_dm picks one at random per sample. 1 = the manifest's frames only
+    draws: int = Field(default=1, ge=1)
 
 
 class FinetuneDecoderConfig(Section):

@@ -30,7 +30,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "pretrain_flow": ("seed", "device", "data", "lfae", "pretrain_flow"),
     "train_lfae": ("seed", "device", "precision", "data", "lfae", "train_lfae"),
     "finetune_decoder": ("seed", "device", "precision", "data", "train_lfae.perceptual", "finetune_decoder"),
-    "extract_flow": ("device", "precision", "data.num_frames", "extract_flow"),
+    "extract_flow": ("seed", "device", "precision", "data.num_frames", "data.frame_sampling", "extract_flow"),
     "embed_labels": ("device", "text", "sample.extra_labels"),
     "train_dm": ("seed", "device", "precision", "dm", "train_dm"),
     "sample": ("device", "precision", "text", "sample"),

@@ -48,7 +48,7 @@ def run(p: Params) -> dict[str, float]:
     )
     diffusion = FlowDiffusion(denoiser, p.dm.diffusion)
     measured = torch.linspace(0, len(sequences) - 1, min(len(sequences), TARGET_FIT_CLIPS)).long()
-    diffusion.fit_target(torch.stack([sequences[int(i)]["x0"] for i in measured]))
+    diffusion.fit_target(torch.stack([sequences.item(int(i))["x0"] for i in measured]))
     diffusion.to(device)
     optimizer = adam(diffusion.parameters(), cfg.lr, cfg.betas)
     schedule = lr_schedule(optimizer, cfg.lr_schedule, cfg.steps, cfg.milestones, cfg.gamma)
@@ -91,7 +91,7 @@ def run(p: Params) -> dict[str, float]:
             latent_size=attrs.latent_size,
             step=state.step,
         )
-        _log_sample(p, diffusion, sequences[0], device)
+        _log_sample(p, diffusion, sequences.item(0), device)
     state.write_plot(Path(p.paths.plots) / "train_dm.tsv")
     state.finish()
     recent = [row["loss/diffusion"] for row in state.history[-5:]]

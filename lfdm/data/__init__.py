@@ -2,7 +2,7 @@
 
 from lfdm.data.embedded import MOTIONS, Clip, generate_clips
 from lfdm.data.flow_store import FlowSequenceDataset, FlowStore, FlowStoreAttrs
-from lfdm.data.frames import FramePairDataset, FrameStore, sample_frame_indices, to_tensor
+from lfdm.data.frames import FramePairDataset, FrameStore, jitter_colours, sample_frame_indices, to_tensor
 from lfdm.data.manifest import ManifestRow, read_manifest, write_manifest
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "FrameStore",
     "ManifestRow",
     "generate_clips",
+    "jitter_colours",
     "read_manifest",
     "sample_frame_indices",
     "to_tensor",

@@ -17,10 +17,11 @@ from .test_pipeline import run
 
 pytestmark = pytest.mark.slow
 
-# every stage gets several batches, so the shards split real work
+# every stage gets several batches, so the shards split real work; redrawn training clips must not
+# depend on the shards either
 SMALL_BATCHES = {
     "tracking": {"enabled": False},
-    "extract_flow": {"batch_size": 2},
+    "extract_flow": {"batch_size": 2, "draws": 3},
     "sample": {"batch_size": 2},
     "evaluate": {"batch_size": 2},
 }
@@ -63,6 +64,12 @@ def test_two_dask_workers_write_what_the_serial_run_wrote(tmp_path, prefect_serv
         assert sorted(got) == sorted(want) and want, store
         for name, value in want.items():
             np.testing.assert_allclose(got[name], value, atol=1e-3, err_msg=f"{store}/{name}")
+    flows, train = arrays(serial / "flows.zarr"), read_manifest(serial / "manifest.parquet", split="train")
+    assert {name for name in flows if name.startswith("redrawn_z0/")} == {
+        f"redrawn_z0/{r.video_id}" for r in train
+    }
+    z0, redrawn = flows[f"z0/{train[0].video_id}"], flows[f"redrawn_z0/{train[0].video_id}"]
+    assert redrawn.shape == (2, *z0.shape) and not np.allclose(redrawn[0], z0) and not np.allclose(*redrawn)
     assert read_manifest(sharded / "samples/manifest.parquet") == read_manifest(
         serial / "samples/manifest.parquet"
     )

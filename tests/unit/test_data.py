@@ -27,6 +27,7 @@ from lfdm.data import (
     ManifestRow,
     flow_store,
     generate_clips,
+    jitter_colours,
     read_manifest,
     sample_frame_indices,
     to_tensor,
@@ -300,6 +301,48 @@ def test_flow_store_round_trip_and_pickle(tmp_path):
         FlowStore(tmp_path / "other.zarr", "w")
 
 
+def test_flow_store_redraws(tmp_path):
+    """A store of D = 3 draws: training clips keep two more, read by index; others have only draw 0."""
+    store = FlowStore(tmp_path / "flows.zarr", "w", replace(ATTRS, draws=3))
+    store.write("train", *_flow(0))
+    store.write("test", *_flow(1))
+    flows, z0 = (torch.stack(x) for x in zip(_flow(2), _flow(3), strict=True))
+    store.write_redraws("train", flows, z0)
+    reopened = FlowStore(tmp_path / "flows.zarr")
+    assert reopened.attrs.draws == 3 and reopened.draws_of("train") == 3 and reopened.draws_of("test") == 1
+    assert reopened.video_ids == ["test", "train"]  # redraws are no clips of their own
+    for draw, seed in ((0, 0), (1, 2), (2, 3)):
+        np.testing.assert_allclose(reopened.read("train", draw=draw)[0], _flow(seed)[0].numpy(), atol=1e-3)
+    with pytest.raises(IndexError, match="'test' has 1 draw"):
+        reopened.read("test", draw=1)
+    with pytest.raises(ValueError, match=r"redrawn_flows must have shape \(2, 3, 4, 8, 8\)"):
+        store.write_redraws("train", flows[:1], z0[:1])
+    with pytest.raises(ValueError, match="one draw per clip"):
+        FlowStore(tmp_path / "one.zarr", "w", ATTRS).write_redraws("train", flows, z0)
+
+
+def test_flow_store_written_before_draws_reads_as_one_draw(tmp_path):
+    store = FlowStore(tmp_path / "flows.zarr", "w", ATTRS)
+    store.write("v", *_flow(0))
+    del store.group.attrs["draws"]  # a store from before the attribute existed
+    assert FlowStore(tmp_path / "flows.zarr").attrs == ATTRS and store.draws_of("v") == 1
+    del store.group.attrs["num_frames"]
+    with pytest.raises(ValueError, match="not a flow store: attribute 'num_frames' is missing"):
+        _ = FlowStore(tmp_path / "flows.zarr").attrs
+
+
+def test_jitter_colours_changes_a_clip_as_one():
+    frames = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # two colour frames
+    clip = torch.cat([frames[:1], frames[:1], frames[1:]])
+    jittered = [jitter_colours(clip, np.random.default_rng(seed)) for seed in range(6)]
+    assert torch.equal(jittered[0], jitter_colours(clip, np.random.default_rng(0)))  # the rng decides
+    for out in jittered:
+        assert out.shape == clip.shape and 0 <= out.min() <= out.max() <= 1
+        assert torch.equal(out[0], out[1])  # equal frames stay equal: one change for the whole clip
+    assert min((out - clip).abs().mean() for out in jittered) > 1e-3
+    assert len({round(float(out.mean()), 4) for out in jittered}) == 6
+
+
 # ----------------------------------------------------------------------------------------- manifest
 
 
@@ -411,3 +454,28 @@ def test_datasets_in_worker_processes(tmp_path, monkeypatch, preload):
     assert [v for b in flow_batches for v in b["video_id"]] == ["v0", "v1", "v2", "v3"]
     with pytest.raises(ValueError, match="'smile'"):
         FlowSequenceDataset(tmp_path / "flows.zarr", [replace(rows[0], label="smile")], embeddings)
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_flow_dataset_samples_every_draw(tmp_path, monkeypatch, preload):
+    if not preload:
+        monkeypatch.setattr(flow_store, "PRELOAD_MAX_BYTES", 0)
+    store = FlowStore(tmp_path / "flows.zarr", "w", replace(ATTRS, draws=3))
+    store.write("v", *_flow(0))
+    store.write_redraws("v", *(torch.stack(x) for x in zip(_flow(1), _flow(2), strict=True)))
+    row = ManifestRow("v", "zoom in", "s", "train", 5, "x", (0, 1, 2, 4))
+    dataset = FlowSequenceDataset(tmp_path / "flows.zarr", [row], {"zoom in": torch.ones(6)})
+    torch.manual_seed(0)
+    seen = {float(dataset[0]["x0"].sum()) for _ in range(60)}
+    assert seen == {float(dataset.item(0, draw)["x0"].sum()) for draw in range(3)}
+    np.testing.assert_array_equal(dataset.item(0)["x0"].numpy(), store.read("v")[0])
+
+
+def test_a_flow_dataset_of_one_draw_leaves_the_random_state_alone(tmp_path):
+    """One draw per clip (the default) draws nothing: training stays bit for bit what it was."""
+    FlowStore(tmp_path / "flows.zarr", "w", ATTRS).write("v", *_flow(0))
+    row = ManifestRow("v", "zoom in", "s", "train", 5, "x", (0, 1, 2, 4))
+    dataset = FlowSequenceDataset(tmp_path / "flows.zarr", [row], {"zoom in": torch.ones(6)})
+    state = torch.get_rng_state()
+    dataset[0]
+    assert torch.equal(torch.get_rng_state(), state)
