@@ -1,6 +1,6 @@
 """Paper Table 6 on this pipeline: each sampler setting is a DVC experiment (`dvc exp run -S ...`), which
-re-runs only `sample` and `evaluate`; prints LFDM's FVD, condition accuracy, flow cosine and seconds per
-video for each, as a markdown table.
+re-runs only `sample` and `evaluate`; prints LFDM's FVD, condition accuracy, fid_i3d, flow cosine and seconds
+per video for each, as a markdown table.
 
     python benchmarks/samplers.py                                   # every row of ROWS
     python benchmarks/samplers.py --rows ddim-10 dpmsolver++-20     # some of them
@@ -73,6 +73,7 @@ def run_row(name: str, settings: dict[str, object], extra: list[str], metrics_di
     return {
         "fvd": evaluated["fvd/lfdm"],
         "accuracy": evaluated["accuracy/lfdm"],
+        "fid_i3d": evaluated["fid_i3d/lfdm"],
         "flow_cosine": evaluated["flow_cosine"],
         "fvd_static": evaluated["fvd/static"],
         "fvd_oracle": evaluated["fvd/oracle"],
@@ -103,11 +104,14 @@ def main() -> None:
         for path, content in kept.items():
             path.write_bytes(content)
         subprocess.run(["dvc", "checkout", "--quiet"], check=False)
-    print("| sampler | FVD ↓ | accuracy ↑ | flow cosine ↑ | s / video | FVD / static | FVD / oracle |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| sampler | FVD ↓ | accuracy ↑ | fid_i3d ↓ | flow cosine ↑ | s / video | FVD / static | FVD / oracle |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(
-            f"| {name} | {r['fvd']:.1f} | {r['accuracy']:.3f} | {r['flow_cosine']:.3f} | {r['seconds_per_video']:.2f} "
+            f"| {name} | {r['fvd']:.1f} | {r['accuracy']:.3f} | {r['fid_i3d']:.2f} | {r['flow_cosine']:.3f} "
+            f"| {r['seconds_per_video']:.2f} "
             f"| {r['fvd'] / r['fvd_static']:.2f} | {r['fvd'] / r['fvd_oracle']:.2f} |"
         )
     if args.json:
