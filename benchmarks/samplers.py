@@ -110,7 +110,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(
-            f"| {name} | {r['fvd']:.1f} | {r['accuracy']:.3f} | {r['fid_i3d']:.2f} | {r['flow_cosine']:.3f} "
+            f"| {name} | {r['fvd']:.1f} | {r['accuracy']:.3f} | {r['fid_i3d']:.3f} | {r['flow_cosine']:.3f} "
             f"| {r['seconds_per_video']:.2f} "
             f"| {r['fvd'] / r['fvd_static']:.2f} | {r['fvd'] / r['fvd_oracle']:.2f} |"
         )

@@ -230,7 +230,7 @@ def results_table(metrics: dict[str, float]) -> str:
     for m in METHODS:
         rows.append(
             f"| {m} | {metrics[f'fvd/{m}']:.1f} | {grouped('cfvd', m)} | {grouped('sfvd', m)} "
-            f"| {metrics[f'accuracy/{m}']:.3f} | {metrics[f'fid_i3d/{m}']:.2f} "
+            f"| {metrics[f'accuracy/{m}']:.3f} | {metrics[f'fid_i3d/{m}']:.3f} "
             f"| {metrics[f'fid_mobilenetv2/{m}']:.2f} | {metrics[f'l1/{m}']:.4f} |"
         )
     rows.append(f"| real (ceiling) | 0 | 0 | 0 | {metrics['accuracy/real']:.3f} | 0 | 0 | 0 |")
