@@ -130,9 +130,12 @@ class FlowStore(LazyZarrGroup):
         return flow.astype(dtype, copy=False), z0.astype(dtype, copy=False)  # fresh reads: no second copy
 
     def draws_of(self, video_id: str) -> int:
-        """How many draws of ``video_id`` the store holds: D for a training clip, 1 for the others."""
-        draws = self.attrs.draws
-        return draws if draws > 1 and video_id in self.subgroup("redrawn_flows") else 1
+        """How many draws of ``video_id`` the store holds: D for a training clip, 1 for the others (read off
+        the array's shape: its handle stays open, so a training read costs no metadata lookup)."""
+        try:
+            return 1 + self.array(f"redrawn_flows/{video_id}", video_id).shape[0]
+        except KeyError:  # no redraws of this clip (or none in the store)
+            return 1
 
     def __contains__(self, video_id: object) -> bool:
         return isinstance(video_id, str) and video_id in self.subgroup("flows")
@@ -150,8 +153,9 @@ PRELOAD_MAX_BYTES = 512 << 20
 
 class FlowSequenceDataset(Dataset):
     """Diffusion training samples, one per clip (a random one of its draws). Item: ``{"x0": (3, K, h, w)
-    float32, "z0": (C, h, w) float32, "text": (D,) float32, "video_id": str}``. Sets of up to ``PRELOAD_MAX_BYTES`` are held in memory
-    (``preloaded``); otherwise the store opens lazily, once per DataLoader worker."""
+    float32, "z0": (C, h, w) float32, "text": (D,) float32, "video_id": str}``. Sets of up to
+    ``PRELOAD_MAX_BYTES`` are held in memory (``preloaded``); otherwise the store opens lazily, once per
+    DataLoader worker."""
 
     def __init__(
         self,

@@ -28,12 +28,10 @@ from lfdm.metrics.i3d import I3D
 
 METHODS = ("lfdm", "static", "oracle")
 REFERENCE_METHODS = ("static", "oracle")
-# the features a video set is scored on: I3D logits per video (N, 400), frames 1..K−1's features (N·(K−1), D)
-FEATURES = ("i3d", "i3d_frames", "mobilenet")
-FRAME_METRICS = {
-    "fid_i3d": "i3d_frames",
-    "fid_mobilenetv2": "mobilenet",
-}  # metric → the frame features it uses
+# metric → the frame features it uses (frames 1..K−1 of each video: (N·(K−1), D))
+FRAME_METRICS = {"fid_i3d": "i3d_frames", "fid_mobilenetv2": "mobilenet"}
+# the features a video set is scored on: I3D logits per video (N, 400), then the frame features
+FEATURES = ("i3d", *FRAME_METRICS.values())
 
 
 def frame_extractors(i3d: I3D, device: torch.device) -> dict[str, FrameFeatures]:
@@ -67,9 +65,8 @@ def method_metrics(
 @dataclass
 class References:
     """What ``evaluate_references`` saves for ``evaluate``: per real test clip (``video_ids``, in manifest
-    order) its :data:`FEATURES`; the reference
-    methods' per-frame L1 ``(N, K−1)``; the condition classifier, its classes and input size; the references'
-    metrics."""
+    order) its :data:`FEATURES`; the reference methods' per-frame L1 ``(N, K−1)``; the condition classifier,
+    its classes and input size; the references' metrics."""
 
     video_ids: list[str]
     real: dict[str, np.ndarray]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from numpy._core.multiarray import _reconstruct
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lfdm.errors import MissingInput
 
@@ -194,17 +195,17 @@ def still_frame_i3d(model: I3D) -> I3D:
     for unit in image_net.modules():
         if not isinstance(unit, Unit3D):
             continue
-        conv = unit.conv
+        conv, bn = unit.conv, unit.bn
         unit.kernel, unit.stride = (1, unit.kernel[1], unit.kernel[2]), (1, unit.stride[1], unit.stride[2])
         image_conv = nn.Conv3d(conv.in_channels, conv.out_channels, unit.kernel, unit.stride)
         weight, bias = conv.weight.detach().sum(dim=2, keepdim=True), conv.bias
-        bias = weight.new_zeros(conv.out_channels) if bias is None else bias.detach()
-        if isinstance(unit.bn, BatchNormNoScale):
-            scale = (unit.bn.running_var + unit.bn.eps).rsqrt()
-            weight = weight * scale.view(-1, 1, 1, 1, 1)
-            bias = (bias - unit.bn.running_mean) * scale + unit.bn.bias.detach()
+        if isinstance(bn, BatchNormNoScale):  # no scale: torch's folding takes it as ones
+            weight, bias = fuse_conv_bn_weights(
+                weight, bias, bn.running_mean, bn.running_var, bn.eps, None, bn.bias
+            )
             unit.bn = nn.Identity()
-        image_conv.weight, image_conv.bias = nn.Parameter(weight), nn.Parameter(bias)
+        image_conv.weight = nn.Parameter(weight.detach())
+        image_conv.bias = nn.Parameter(weight.new_zeros(conv.out_channels) if bias is None else bias.detach())
         unit.conv = image_conv
     return image_net.requires_grad_(False)
 
