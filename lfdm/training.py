@@ -7,12 +7,10 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from torch import distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -23,6 +21,9 @@ from lfdm.checkpoint import load_checkpoint, save_checkpoint
 from lfdm.config import LRScheduleName
 from lfdm.device import autocast
 from lfdm.errors import UserError
+
+if TYPE_CHECKING:  # diffusers' training utilities take 2 s to import: only train_dm uses EMA
+    from diffusers.training_utils import EMAModel
 
 log = logging.getLogger(__name__)  # progress lines for an orchestrator's log (the Prefect flow shows them)
 
@@ -76,6 +77,9 @@ def lr_schedule(
     to 0 at ``total_steps`` (diffusers' schedules, no warm-up)."""
     if kind == "multistep":
         return multistep_schedule(optimizer, total_steps, milestones, gamma)
+    # imported here: stages on another schedule (train_lfae, finetune_decoder) never import diffusers
+    from diffusers.optimization import get_scheduler
+
     return get_scheduler(kind, optimizer, num_warmup_steps=0, num_training_steps=total_steps)
 
 
