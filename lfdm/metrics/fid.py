@@ -112,8 +112,8 @@ class MobileNetFeatures(FrameFeatures):
 
 
 class I3DFrameFeatures(FrameFeatures):
-    """Frames → ``(N, 1024)`` pooled features of the I3D held still (``fid_i3d``): 0.04–0.08 s a frame on 2 CPU
-    cores, 4–5× MobileNetV2's."""
+    """Frames → ``(N, 1024)`` pooled features of the I3D held still (``fid_i3d``): about 0.03 s a frame on 2 CPU
+    cores, 2–3× MobileNetV2's."""
 
     def __init__(self, model: I3D | None = None, batch_size: int = 32) -> None:
         super().__init__(batch_size)
