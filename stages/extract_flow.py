@@ -75,7 +75,7 @@ def extract_shard(p: Params, batches: Sequence[tuple[int, Sequence[ManifestRow]]
             clips = torch.stack([to_tensor(frames.read(row.video_id, row.frame_indices)) for row in batch])
             for row, flow, z0 in zip(batch, *sequences(clips), strict=True):
                 store.write(row.video_id, flow, z0)
-            for row in [row for row in batch if row.split == "train"] if extra else []:
+            for row in (row for row in batch if extra and row.split == "train"):
                 store.write_redraws(row.video_id, *sequences(redraws(p, frames, row, extra)))
             bar.update(len(batch))
 
