@@ -3,6 +3,7 @@ loop (the official design, which runs F on every clip of every batch).
 
     python benchmarks/dm_data.py                  # default params, 20 timed steps per design
     python benchmarks/dm_data.py --steps 10 --threads 1
+    python benchmarks/dm_data.py --precision auto --profile 10   # + where a store-fed step goes, by operator
 
 Both designs train the same diffusion model at the default sizes on real embedded clips, with
 randomly initialised networks (speed does not depend on the weights): ``zarr`` runs ``extract_flow``'s
@@ -22,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
 from lfdm.config import load_params
 from lfdm.data import FlowSequenceDataset, FlowStore, FlowStoreAttrs, ManifestRow, generate_clips, to_tensor
 from lfdm.data.frames import sample_frame_indices
+from lfdm.device import autocast
 from lfdm.diffusion import FlowDiffusion
 from lfdm.models.lfae import LatentFlowAutoEncoder
 from lfdm.models.unet3d import Unet3D
@@ -61,6 +64,10 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto, as params.yaml's precision")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS", help="profile this many store-fed steps"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     p = load_params(args.params)
@@ -87,7 +94,8 @@ def main() -> None:
     text = torch.randn(TEXT_DIM)
 
     def dm_step(x0: torch.Tensor, z0: torch.Tensor) -> None:
-        loss = diffusion(x0, z0, text.expand(len(x0), -1))
+        with autocast(torch.device("cpu"), args.precision):
+            loss = diffusion(x0, z0, text.expand(len(x0), -1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -114,7 +122,12 @@ def main() -> None:
                 )
         dataset = FlowSequenceDataset(store.path, rows, {clip.label: text for clip in clips})
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
-        zarr_times = timed(lambda b: dm_step(b["x0"], b["z0"]), BatchStream(loader), args.steps)
+        zarr_batches = BatchStream(loader)
+        zarr_times = timed(lambda b: dm_step(b["x0"], b["z0"]), zarr_batches, args.steps)
+        if args.profile:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                timed(lambda b: dm_step(b["x0"], b["z0"]), zarr_batches, args.profile, warmup=0)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
     def in_loop(indices: torch.Tensor) -> None:
         with torch.inference_mode():
