@@ -47,10 +47,12 @@ ROWS: dict[str, dict[str, object]] = {
 
 def rewritten_files(metrics_dir: Path, plots_dir: Path) -> list[Path]:
     """What `dvc exp run` rewrites in the workspace and `dvc checkout` does not bring back: params, the lock
-    file and the uncached outputs of `sample` and `evaluate`."""
+    file and the uncached outputs of `sample` and `evaluate`, and of `train_dm` for a `--set train_dm.*`."""
     return [
         Path("params.yaml"),
         Path("dvc.lock"),
+        metrics_dir / "train_dm.json",
+        plots_dir / "train_dm.tsv",
         metrics_dir / "sample.json",
         metrics_dir / "evaluate.json",
         metrics_dir / "headline.json",
