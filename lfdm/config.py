@@ -346,7 +346,7 @@ class DMConfig(Section):
 
 
 class TrainDMConfig(Section):
-    steps: int = Field(default=3200, ge=1)
+    steps: int = Field(default=2000, ge=1)
     batch_size: int = Field(default=4, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     betas: Betas = (0.9, 0.99)
