@@ -20,13 +20,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
-from lfdm.config import load_params
+from lfdm.config import Precision, load_params
 from lfdm.data import FlowSequenceDataset, FlowStore, FlowStoreAttrs, ManifestRow, generate_clips, to_tensor
 from lfdm.data.frames import sample_frame_indices
 from lfdm.device import autocast
@@ -64,7 +65,9 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto, as params.yaml's precision")
+    parser.add_argument(
+        "--precision", default="fp32", choices=get_args(Precision), help="as params.yaml's precision"
+    )
     parser.add_argument(
         "--profile", type=int, default=0, metavar="STEPS", help="profile this many store-fed steps"
     )
