@@ -25,7 +25,7 @@ import torch
 from numpy.typing import DTypeLike
 from torch.utils.data import Dataset
 
-from lfdm.data.frames import LazyZarrGroup, check_video_id
+from lfdm.data.frames import PRELOAD_MAX_BYTES, LazyZarrGroup, check_video_id
 from lfdm.data.manifest import ManifestRow
 
 Array = np.ndarray | torch.Tensor
@@ -143,12 +143,6 @@ class FlowStore(LazyZarrGroup):
     @property
     def video_ids(self) -> list[str]:
         return sorted(self.subgroup("flows").array_keys())
-
-
-# training sets up to this size (as stored, float16) are read into memory once: a read from Zarr costs
-# 3–4 ms per sample on the training process (its event-loop thread competes with torch's), 5 % of a
-# default CPU training step; larger sets stream from the store
-PRELOAD_MAX_BYTES = 512 << 20
 
 
 class FlowSequenceDataset(Dataset):

@@ -23,8 +23,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from lfdm.data.flow_store import PRELOAD_MAX_BYTES
-from lfdm.data.frames import FrameStore, LazyZarrGroup, check_video_id, to_tensor
+from lfdm.data.frames import PRELOAD_MAX_BYTES, FrameStore, LazyZarrGroup, check_video_id, to_tensor
 from lfdm.data.manifest import ManifestRow
 from lfdm.teacher import TeacherName, teacher_flows
 

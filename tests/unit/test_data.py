@@ -33,6 +33,7 @@ from lfdm.data import (
     to_tensor,
     write_manifest,
 )
+from lfdm.data import frames as frames_module
 from lfdm.data.embedded import _render, _window, true_flow
 from lfdm.data.manifest import SCHEMA
 from lfdm.models.warp import warp
@@ -397,7 +398,7 @@ def test_manifest_missing_column(tmp_path):
 # ----------------------------------------------------------------------------------------- datasets
 
 
-def test_frame_pair_dataset(tmp_path):
+def test_frame_pair_dataset(tmp_path, monkeypatch):
     store = FrameStore(tmp_path / "frames.zarr", "w")
     store.write("v", _frames(6))
     rows = [ManifestRow("v", "pan up", "s", "train", 6, "x", (0, 5))]
@@ -421,12 +422,17 @@ def test_frame_pair_dataset(tmp_path):
     assert all(torch.equal(again[i]["driving"], ds[i]["driving"]) for i in range(40))
     again.set_epoch(1)
     assert not all(torch.equal(again[i]["driving"], ds[i]["driving"]) for i in range(40))
+    monkeypatch.setattr(frames_module, "PRELOAD_MAX_BYTES", 0)  # the same pairs read from the store
+    streamed = FramePairDataset(store, rows, repeats=40, seed=1, flip=True)
+    assert ds.preloaded is not None and streamed.preloaded is None
+    assert all(torch.equal(streamed[i][k], ds[i][k]) for i in range(40) for k in ("source", "driving"))
 
 
 @pytest.mark.parametrize("preload", [True, False])
 def test_datasets_in_worker_processes(tmp_path, monkeypatch, preload):
     if not preload:  # a set too large to hold: streamed from the store
         monkeypatch.setattr(flow_store, "PRELOAD_MAX_BYTES", 0)
+        monkeypatch.setattr(frames_module, "PRELOAD_MAX_BYTES", 0)
     frames = FrameStore(tmp_path / "frames.zarr", "w")
     flows = FlowStore(tmp_path / "flows.zarr", "w", ATTRS)
     rows = []
@@ -446,7 +452,9 @@ def test_datasets_in_worker_processes(tmp_path, monkeypatch, preload):
         and item["video_id"] == "v1"
     )
 
-    pair_batches = list(DataLoader(FramePairDataset(frames, rows, repeats=2), batch_size=4, num_workers=2))
+    pair_ds = FramePairDataset(frames, rows, repeats=2)
+    assert (pair_ds.preloaded is not None) == preload
+    pair_batches = list(DataLoader(pair_ds, batch_size=4, num_workers=2))
     assert [b["source"].shape for b in pair_batches] == [(4, 3, 8, 8)] * 2
     flow_batches = list(DataLoader(flow_ds, batch_size=2, num_workers=2))
     assert [b["x0"].shape for b in flow_batches] == [(2, 3, 4, 8, 8)] * 2
