@@ -90,7 +90,9 @@ class ImageNetFeatures(nn.Module):
     """Frozen ImageNet CNN: images ``(B, 3, H, W)`` in [0, 1] → 5 feature maps of increasing depth.
 
     Always in eval mode (batch-norm statistics stay ImageNet's) and never trained; layers past the
-    deepest tap are dropped.
+    deepest tap are dropped. MobileNetV2 runs in fp32 and channels-last even under bf16 autocast: on the CPU its
+    depthwise convolutions are slower in bf16 than in fp32, fastest in fp32 channels-last (a default
+    ``train_lfae`` step: 0.68 s in bf16, 0.55 s so; docs/benchmarks.md); VGG19's dense ones gain from bf16.
     """
 
     mean: torch.Tensor
@@ -106,11 +108,20 @@ class ImageNetFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.train(False)
+        self.fp32_channels_last = backbone == "mobilenet_v2"
+        if self.fp32_channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> ImageNetFeatures:
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.fp32_channels_last:
+            with torch.autocast(x.device.type, enabled=False):
+                return self.extract(x.float().contiguous(memory_format=torch.channels_last))
+        return self.extract(x)
+
+    def extract(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = (x - self.mean) / self.std
         features = []
         for i, layer in enumerate(self.layers):

@@ -321,3 +321,15 @@ def test_distillation_brings_f_towards_the_teacher_on_a_real_clip(estimator) -> 
             assert model.pixelwise_flow_predictor.occlusion.weight.grad.abs().sum() > 0
     assert error() < 0.6 * before, (before, error())
     assert warp_error() < warp_before, (warp_before, warp_error())
+
+
+def test_mobilenet_features_stay_fp32_under_bf16_autocast(perceptual: PerceptualLoss) -> None:
+    # its depthwise convolutions are slower in bf16 on the CPU: the trunk runs in fp32 channels-last
+    images = torch.rand(2, 3, 32, 32)
+    plain = perceptual.features(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = perceptual.features(images)
+    assert all(
+        torch.equal(a, p) for a, p in zip(autocast, plain, strict=True)
+    )  # fp32: autocast changes nothing
+    assert perceptual.features.layers[0][0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -216,3 +216,22 @@ def test_attention_in_chunks_is_attention_over_the_whole_batch(monkeypatch: pyte
     chunked = model(**x)
     assert len(calls) - layers > 2 * layers  # it did split
     assert torch.allclose(chunked, whole, atol=1e-6)
+
+
+def test_attention_runs_in_fp32_under_cpu_bf16_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's CPU attention kernels are several times slower in bf16: the layers around it run in bf16
+    attn, bias = unet3d.TemporalAttention(8, heads=2, dim_head=4), torch.randn(2, K, K)
+    x = torch.randn(3 * K, 8, 2, 2)
+    fp32 = attn(x, bias)
+    dtypes = {}
+    attn.to_qkv.register_forward_hook(lambda module, args, out: dtypes.update(qkv=out.dtype))
+    sdpa = unet3d.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        unet3d.F,
+        "scaled_dot_product_attention",
+        lambda q, *a, **kw: dtypes.update(q=q.dtype) or sdpa(q, *a, **kw),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, bias)
+    assert dtypes == {"qkv": torch.bfloat16, "q": torch.float32}
+    assert torch.allclose(out, fp32, atol=0.1)  # the fp32 result, up to the bf16 projections
