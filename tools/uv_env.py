@@ -18,6 +18,8 @@ import shlex
 import subprocess
 import sys
 
+# pip config list's sections, lowest precedence first: files' [global], files' [install], PIP_* variables
+SECTIONS = ("global", "install", ":env:")
 # pip setting → (uv variable, separator between values)
 UV_VARIABLES = {
     "index-url": ("UV_INDEX_URL", " "),
@@ -29,16 +31,18 @@ UV_VARIABLES = {
 
 
 def pip_settings() -> dict[str, str]:
-    """``pip config list``'s values by setting name; a later line (a file of higher precedence, or the
-    environment) wins, as in pip."""
+    """``pip config list``'s values for ``pip install`` by setting name, the environment over [install] over
+    [global] as in pip (pip merges the files of each section itself; older pips list them sorted by name)."""
     listing = subprocess.run(
         [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
     ).stdout
-    settings = {}
-    for line in listing.splitlines():  # e.g. global.find-links='/opt/wheels'
+    entries = []
+    for line in listing.splitlines():  # e.g. global.find-links='/opt/wheels', :env:.find-links='/opt/wheels'
         name, _, value = line.partition("=")
-        settings[name.rpartition(".")[2]] = ast.literal_eval(value)
-    return settings
+        section, _, setting = name.rpartition(".")
+        if section in SECTIONS:
+            entries.append((SECTIONS.index(section), setting, ast.literal_eval(value)))
+    return {setting: value for _, setting, value in sorted(entries, key=lambda entry: entry[0])}
 
 
 def main() -> None:

@@ -99,8 +99,8 @@ class Attention(nn.Module):
         qkv = self.to_qkv(self.norm(x.contiguous())).unflatten(-1, (3, self.heads, -1))
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         if q.device.type == "cpu":
-            # torch's CPU attention kernels take 4–15× longer forward and backward in bf16 than in fp32 at these
-            # lengths (a default train_dm step 5–10 % faster so; docs/benchmarks.md): attention stays fp32 there
+            # torch's CPU attention kernels take 3–4× longer forward and backward in bf16 than in fp32 at these
+            # lengths (benchmarks/bf16_kernels.py; a train_dm step 6 % faster so): attention stays fp32 there
             q, k, v = q.float(), k.float(), v.float()
         # a 4-D mask: with a 3-D one SDPA's CPU flash kernel falls back to the unfused math path (3.5× slower
         # at the paper's temporal shape); a mask that needs a gradient (training) takes that path either way

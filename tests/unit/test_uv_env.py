@@ -24,10 +24,11 @@ def test_pip_sources_become_uv_variables(tmp_path):
     conf.write_text(
         "[global]\nindex-url = https://example.invalid/simple\nfind-links =\n    /wheels/a\n    /wheels/b\n"
         "extra-index-url = file:///x/simple file:///y/simple\ntimeout = 60\n"
+        "[install]\nindex-url = https://install.invalid/simple\n[download]\nfind-links = /elsewhere\n"
     )
     env = {"PATH": "/usr/bin:/bin", "PIP_CONFIG_FILE": str(conf), "PIP_CONSTRAINT": "/c.txt"}
     variables = uv_variables(env)
-    assert variables["UV_INDEX_URL"] == "https://example.invalid/simple"
+    assert variables["UV_INDEX_URL"] == "https://install.invalid/simple"  # [install] over [global], as in pip
     assert variables["UV_FIND_LINKS"] == "/wheels/a,/wheels/b"  # uv separates folders with commas
     assert variables["UV_EXTRA_INDEX_URL"] == "file:///x/simple file:///y/simple"
     assert variables["UV_CONSTRAINT"] == "/c.txt"  # the environment counts, as for pip
