@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchvision
 
 from lfdm.device import cpu_has_native_bf16
+from lfdm.losses import _TAPS
 
 
 def attention(tokens: int, bf16: bool) -> Callable[[], None]:
@@ -33,7 +34,7 @@ def attention(tokens: int, bf16: bool) -> Callable[[], None]:
 
 
 def trunk(backbone: str, mode: str) -> Callable[[], None]:
-    depth = {"mobilenet_v2": 18, "vgg19": 30}[backbone]  # lfdm.losses' deepest tap + 1
+    depth = _TAPS[backbone][-1] + 1  # as lfdm.losses.ImageNetFeatures keeps it
     net = getattr(torchvision.models, backbone)().features[:depth].eval().requires_grad_(False)
     layout = torch.channels_last if mode == "fp32, channels-last" else torch.contiguous_format
     net = net.to(memory_format=layout)

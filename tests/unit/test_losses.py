@@ -329,7 +329,6 @@ def test_mobilenet_features_stay_fp32_under_bf16_autocast(perceptual: Perceptual
     plain = perceptual.features(images)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = perceptual.features(images)
-    assert all(
-        torch.equal(a, p) for a, p in zip(autocast, plain, strict=True)
-    )  # fp32: autocast changes nothing
+    # fp32: autocast changes nothing
+    assert all(torch.equal(a, p) for a, p in zip(autocast, plain, strict=True))
     assert perceptual.features.layers[0][0].weight.is_contiguous(memory_format=torch.channels_last)
