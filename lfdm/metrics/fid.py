@@ -25,24 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from lfdm.losses import IMAGENET_MEAN, IMAGENET_STD, load_imagenet_model
+from lfdm.losses import IMAGENET_MEAN, IMAGENET_STD, fold_batch_norms, load_imagenet_model
 from lfdm.metrics.i3d import I3D, load_i3d, still_frame_i3d
 
 INPUT_SIZE = 224
-
-
-def fold_batch_norms(model: nn.Module) -> nn.Module:
-    """Fold each eval-mode BatchNorm2d that directly follows a Conv2d in a Sequential into that convolution.
-    (Not ``torch.fx``'s ``fuse``: fx patches ``nn.Module.__call__`` process-wide while it traces, which breaks a
-    model running in another thread — the Prefect flow runs independent stages in threads.)"""
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(seq) - 1):
-            conv, bn = seq[i], seq[i + 1]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                seq[i], seq[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
-    return model
 
 
 Frames = torch.Tensor | np.ndarray

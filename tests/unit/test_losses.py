@@ -76,6 +76,26 @@ def test_perceptual_features_are_frozen_and_stay_in_eval(perceptual: PerceptualL
     assert len(feats) == 5 and [f.shape[-1] for f in feats] == [16, 8, 4, 2, 1]
 
 
+def test_perceptual_taps_equal_the_network_as_loaded(perceptual: PerceptualLoss) -> None:
+    """The frozen trunk's batch norms are folded into its convolutions: every tap must stay what torchvision's
+    MobileNetV2 gives (float rounding only)."""
+    images = (
+        _photo(data.astronaut(), 64).expand(2, -1, -1, -1) * torch.tensor([1.0, 0.5])[:, None, None, None]
+    )
+    reference = load_imagenet_model("mobilenet_v2").features
+    mean, std = (torch.tensor(v)[:, None, None] for v in (IMAGENET_MEAN, IMAGENET_STD))
+    with torch.no_grad():
+        x, expected = (images - mean) / std, []
+        for i, layer in enumerate(reference[: _TAPS["mobilenet_v2"][-1] + 1]):
+            x = layer(x)
+            if i in _TAPS["mobilenet_v2"]:
+                expected.append(x)
+        got = perceptual.features(images)
+    assert not [m for m in perceptual.modules() if isinstance(m, nn.BatchNorm2d)]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-4 * e.abs().max().item())
+
+
 def test_perceptual_loss_grows_with_corruption(perceptual: PerceptualLoss) -> None:
     image = _photo(data.astronaut(), 48)
     noise = torch.randn_like(image)
