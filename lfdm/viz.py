@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import torch
-from torchvision.utils import flow_to_image
 
 from lfdm.models.warp import identity_grid
 
@@ -22,6 +21,8 @@ def flow_to_rgb(grid: torch.Tensor) -> np.ndarray:
     ``align_corners=True``), coloured by ``torchvision.utils.flow_to_image``: hue is the direction,
     saturation the magnitude relative to the largest one in each picture, and zero motion is white.
     """
+    from torchvision.utils import flow_to_image  # here, as in lfdm.data.frames.jitter_colours: a 2–3 s import
+
     grid = torch.as_tensor(grid).detach().float()
     single = grid.ndim == 3
     if single:

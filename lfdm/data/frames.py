@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 import zarr
 from torch.utils.data import Dataset
 
@@ -62,20 +61,18 @@ def sample_frame_indices(
 # the official DM loaders' clip-wide colour jitter: brightness, contrast and saturation factors drawn in
 # [1 − s, 1 + s], a hue shift in [−s, s] (of a full turn), applied in a random order as torchvision's ColorJitter
 COLOUR_JITTER = {"brightness": 64 / 255, "contrast": 0.25, "saturation": 0.25, "hue": 0.04}
-_ADJUST = {
-    "brightness": TF.adjust_brightness,
-    "contrast": TF.adjust_contrast,
-    "saturation": TF.adjust_saturation,
-    "hue": TF.adjust_hue,
-}
 
 
 def jitter_colours(clip: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """``clip (K, 3, H, W)`` float in [0, 1] with one random change of :data:`COLOUR_JITTER` applied to all its
     frames (each frame's contrast around its own mean, as torchvision does); parameters drawn from ``rng``."""
+    # imported here: torchvision's import takes 2–3 s (it loads torch._dynamo), paid by every stage process
+    # that imports lfdm.data, and only jittering needs it
+    import torchvision.transforms.v2.functional as TF
+
     for name in rng.permutation(list(COLOUR_JITTER)):
         amount = rng.uniform(-COLOUR_JITTER[name], COLOUR_JITTER[name])
-        clip = _ADJUST[name](clip, amount if name == "hue" else 1 + amount)
+        clip = getattr(TF, f"adjust_{name}")(clip, amount if name == "hue" else 1 + amount)
     return clip
 
 
