@@ -7,7 +7,8 @@
   head; 8² and 4² tokens), as ``lfdm/models/unet3d.py`` calls it;
 - perceptual trunk: the perceptual loss's network on a ``train_lfae`` batch (16 × 3 × 64²) up to its deepest
   tap: MobileNetV2 (depthwise convolutions) and VGG19 (dense ones), random weights (speed does not depend on
-  them), in bf16 autocast, fp32, and fp32 channels-last.
+  them), in bf16 autocast, fp32, fp32 channels-last, and fp32 channels-last with the batch norms folded into the
+  convolutions (what ``ImageNetFeatures`` runs for MobileNetV2; VGG19 has none).
 
 Medians of interleaved repeats in one process (ms). A benchmark, not a test: it prints a table.
 """
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 import torchvision
 
 from lfdm.device import cpu_has_native_bf16
-from lfdm.losses import _TAPS
+from lfdm.losses import _TAPS, fold_batch_norms
 
 
 def attention(tokens: int, bf16: bool) -> Callable[[], None]:
@@ -36,7 +37,9 @@ def attention(tokens: int, bf16: bool) -> Callable[[], None]:
 def trunk(backbone: str, mode: str) -> Callable[[], None]:
     depth = _TAPS[backbone][-1] + 1  # as lfdm.losses.ImageNetFeatures keeps it
     net = getattr(torchvision.models, backbone)().features[:depth].eval().requires_grad_(False)
-    layout = torch.channels_last if mode == "fp32, channels-last" else torch.contiguous_format
+    if mode.endswith("folded"):
+        fold_batch_norms(net)
+    layout = torch.channels_last if "channels-last" in mode else torch.contiguous_format
     net = net.to(memory_format=layout)
 
     def step() -> None:
@@ -61,7 +64,7 @@ def main() -> None:
         for bf16 in (True, False):
             cases[(f"attention, {tokens} tokens", "bf16" if bf16 else "fp32")] = attention(tokens, bf16)
     for backbone in ("mobilenet_v2", "vgg19"):
-        for mode in ("bf16", "fp32", "fp32, channels-last"):
+        for mode in ("bf16", "fp32", "fp32, channels-last", "fp32, channels-last, batch norms folded"):
             cases[(f"{backbone} trunk", mode)] = trunk(backbone, mode)
     times: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
     for run in cases.values():
