@@ -8,6 +8,8 @@ per video for each, as a markdown table.
 
 Afterwards params.yaml, dvc.lock, the metrics and the outputs are back as they were; `dvc exp show` lists the
 experiments and `dvc exp apply <name>` brings one into the workspace.
+Commit nothing while it runs: each `dvc exp run` sets the branch back to the commit it started from when it
+ends, so a commit made meanwhile leaves the branch (`git reflog` still has it).
 """
 
 from __future__ import annotations
